@@ -1,0 +1,1 @@
+"""Plain torch code of ComfyUI-Troupe: no ComfyUI imports, usable and testable on its own."""

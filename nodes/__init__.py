@@ -1,0 +1,21 @@
+"""ComfyUI node classes of ComfyUI-Troupe (thin wrappers over models/)."""
+from __future__ import annotations
+
+from comfy_api.latest import ComfyExtension, io
+
+from .layout import TroupeLayout, TroupeLayoutFromMasks, TroupeLayoutPreview, TroupeLayoutToMasks
+from .subjects import TroupeSubject, TroupeSubjectList
+
+NODES: list[type[io.ComfyNode]] = [
+    TroupeSubject,
+    TroupeSubjectList,
+    TroupeLayout,
+    TroupeLayoutFromMasks,
+    TroupeLayoutToMasks,
+    TroupeLayoutPreview,
+]
+
+
+class TroupeExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(NODES)

@@ -1,0 +1,9 @@
+"""The custom socket types every Troupe node shares (documented in the README)."""
+from comfy_api.latest import io
+
+# One subject: reference image(s), optional mask, label (concept word) and weight (models.subject.Subject).
+Subject = io.Custom("TROUPE_SUBJECT")
+# An ordered tuple of subjects; subject i belongs to layout region i.
+Subjects = io.Custom("TROUPE_SUBJECTS")
+# Canvas size plus one region (box and/or mask) per subject (models.layout.Layout).
+Layout = io.Custom("TROUPE_LAYOUT")

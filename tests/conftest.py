@@ -1,0 +1,55 @@
+"""Shared pytest set-up: the pack importable as ``comfyui_troupe``, and the real ComfyUI server."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TESTS = ROOT / "tests"
+MSBENCH = ROOT.parent / "shared" / "benchmarks" / "msbench"
+ARTIFACTS = ROOT / "test-artifacts"
+PACKAGE = "comfyui_troupe"
+
+
+def _register_pack() -> None:
+    """Import the repository as the package ``comfyui_troupe`` (its folder name has a hyphen)."""
+    if PACKAGE in sys.modules:
+        return
+    spec = importlib.util.spec_from_file_location(PACKAGE, ROOT / "__init__.py",
+                                                  submodule_search_locations=[str(ROOT)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[PACKAGE] = module
+    spec.loader.exec_module(module)
+
+
+_register_pack()
+if str(TESTS) not in sys.path:
+    sys.path.insert(0, str(TESTS))
+
+
+@pytest.fixture(scope="session")
+def msbench() -> Path:
+    """The MS-Bench folder in ../shared (real subject photos, MIT licence)."""
+    if not (MSBENCH / "msbench.json").exists():
+        pytest.fail(f"MS-Bench is missing at {MSBENCH}: tests read it from ../shared beside the clone")
+    return MSBENCH
+
+
+@pytest.fixture(scope="session")
+def artifacts() -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    return ARTIFACTS
+
+
+@pytest.fixture(scope="session")
+def comfy_server():
+    """One real ComfyUI server from .host/ with the pack and the test nodes, for the whole session."""
+    from comfy_server import ComfyServer
+
+    server = ComfyServer(with_test_nodes=True)
+    server.start()
+    yield server
+    server.stop()

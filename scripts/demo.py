@@ -1,0 +1,55 @@
+"""`make demo`: start ComfyUI with the pack, run workflows/layout_basics.json headless, print the outputs, stop.
+
+Run with the host's Python (.host/venv/bin/python scripts/demo.py [--workflow PATH] [--port N]).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))  # the harness lives with the tests; this script is not part of the pack
+
+from comfy_server import ComfyServer  # noqa: E402
+from workflow_api import ui_to_api  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--workflow", type=Path, default=ROOT / "workflows" / "layout_basics.json")
+    ap.add_argument("--port", type=int, default=0, help="port for the demo server (default: a free one)")
+    args = ap.parse_args()
+
+    workdir = ROOT / ".host" / "demo"
+    shutil.rmtree(workdir, ignore_errors=True)
+    server = ComfyServer(port=args.port, with_test_nodes=False, workdir=workdir)
+    server.input_dir.mkdir(parents=True, exist_ok=True)
+    for image in (ROOT / "assets").glob("*.jpg"):
+        shutil.copy(image, server.input_dir / image.name)
+    print(f"[demo] starting ComfyUI with ComfyUI-Troupe on {server.url} ...", flush=True)
+    with server:
+        info = server.object_info()
+        troupe = sorted(k for k in info if k.startswith("Troupe"))
+        print(f"[demo] Troupe nodes loaded: {', '.join(troupe)}")
+        prompt = ui_to_api(json.loads(args.workflow.read_text()), info)
+        print(f"[demo] running {args.workflow.relative_to(ROOT)} ({len(prompt)} nodes) through /prompt ...", flush=True)
+        entry = server.run(prompt)
+        written = []
+        for node_id, out in entry.get("outputs", {}).items():
+            for image in out.get("images", []):
+                path = server.image_path(image)
+                written.append(path)
+                kind = image.get("type", "output")
+                print(f"[demo] node {node_id} ({prompt[node_id]['class_type']}) wrote {kind} image {path}")
+        if not written:
+            print("[demo] the workflow ran but wrote no image", file=sys.stderr)
+            return 1
+    print(f"[demo] done; server stopped. Outputs are in {server.output_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -129,6 +129,7 @@ class TroupeLayoutToMasks(io.ComfyNode):
                                tooltip="Gaussian blur sigma in canvas pixels (scaled to the mask size)."),
             ],
             outputs=[io.Mask.Output(display_name="masks")],
+            is_output_node=True,
         )
 
     @classmethod

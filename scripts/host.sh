@@ -61,7 +61,11 @@ fi
 mkdir -p "$HOST/ComfyUI/custom_nodes"
 ln -sfn "$ROOT" "$HOST/ComfyUI/custom_nodes/ComfyUI-Troupe"
 
-# 4. Debian's chromium for the browser tests
+# 4. the example images, so the shipped workflows open with their references in place
+mkdir -p "$HOST/ComfyUI/input"
+cp -n "$ROOT"/assets/*.jpg "$HOST/ComfyUI/input/" 2>/dev/null || true
+
+# 5. Debian's chromium for the browser tests
 if ! command -v chromium >/dev/null 2>&1; then
   if [ "$(id -u)" = "0" ]; then
     log "installing Debian's chromium"

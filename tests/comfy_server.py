@@ -72,6 +72,7 @@ class ComfyServer:
             (self.models_dir / name).mkdir(parents=True, exist_ok=True)
             lines.append(f"    {name}: {name}")
         if self.with_test_nodes:
+            TEST_NODES_DIR.mkdir(exist_ok=True)
             lines.append(f"    custom_nodes: {TEST_NODES_DIR}")
         path = self.workdir / "extra_model_paths.yaml"
         path.write_text("\n".join(lines) + "\n")

@@ -153,7 +153,8 @@ class TroupeLayoutPreview(io.ComfyNode):
                 io.Image.Input("image", optional=True,
                                tooltip="Optional background, e.g. the generated image; blank grey when absent."),
                 types.Subjects.Input("subjects", optional=True,
-                                     tooltip="Optional subject list: its labels name the boxes."),
+                                     tooltip="Optional subject list: its labels name the boxes, and on a blank canvas "
+                                             "each box shows its subject's reference photo."),
             ],
             outputs=[io.Image.Output(display_name="image")],
             is_output_node=True,
@@ -161,7 +162,10 @@ class TroupeLayoutPreview(io.ComfyNode):
 
     @classmethod
     def execute(cls, layout: Layout, image=None, subjects=None) -> io.NodeOutput:
+        thumbnails = None
         if subjects is not None:
             layout = layout.with_labels([s.label for s in subjects])
-        picture = draw_layout(layout, image)
+            if image is None:
+                thumbnails = [s.image[:1] for s in subjects]
+        picture = draw_layout(layout, image, thumbnails=thumbnails)
         return io.NodeOutput(picture, ui=ui.PreviewImage(picture, cls=cls))

@@ -148,3 +148,12 @@ def test_empty_layout_and_subject_mismatch_name_the_node_and_input(comfy_server)
     prompt["2"]["inputs"]["label"] = "  "
     with pytest.raises(PromptError, match=r"TroupeSubject: input label: give the word"):
         comfy_server.run(prompt)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "workflows").glob("*.json")), ids=lambda p: p.name)
+def test_every_shipped_workflow_names_only_known_nodes(comfy_server, path):
+    """Workflows double as fixtures: each converts to API format against the live server's node list."""
+    workflow = json.loads(path.read_text())
+    assert workflow.get("version") == 0.4 and workflow["nodes"], "UI-format workflow expected"
+    prompt = ui_to_api(workflow, comfy_server.object_info())
+    assert prompt and all(n["class_type"] for n in prompt.values())

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
+from .encoding import TroupeEncodeSubjects, TroupeFusionWeightsPreview, TroupeGranularity, TroupeLoadFusion
+from .paths import register_model_folders
 from .layout import TroupeLayout, TroupeLayoutFromMasks, TroupeLayoutPreview, TroupeLayoutToMasks
 from .subjects import TroupeSubject, TroupeSubjectList
 
@@ -13,9 +15,14 @@ NODES: list[type[io.ComfyNode]] = [
     TroupeLayoutFromMasks,
     TroupeLayoutToMasks,
     TroupeLayoutPreview,
+    TroupeLoadFusion,
+    TroupeEncodeSubjects,
+    TroupeGranularity,
+    TroupeFusionWeightsPreview,
 ]
 
 
 class TroupeExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        register_model_folders()
         return list(NODES)

@@ -7,3 +7,8 @@ Subject = io.Custom("TROUPE_SUBJECT")
 Subjects = io.Custom("TROUPE_SUBJECTS")
 # Canvas size plus one region (box and/or mask) per subject (models.layout.Layout).
 Layout = io.Custom("TROUPE_LAYOUT")
+# HMoE fusion weights (models.hmoe.HMoE), loaded from models/troupe.
+Fusion = io.Custom("TROUPE_FUSION")
+# Per-subject hierarchical CLIP features, with fusion weights and fused tokens when fused
+# (models.reference_features.ClipFeatures).
+ClipFeatures = io.Custom("TROUPE_CLIP_FEATURES")

@@ -16,7 +16,8 @@ from workflow_api import ui_to_api
 ROOT = Path(__file__).resolve().parents[2]
 PACK_NODES = {
     "TroupeSubject", "TroupeSubjectList", "TroupeLayout", "TroupeLayoutFromMasks", "TroupeLayoutToMasks",
-    "TroupeLayoutPreview",
+    "TroupeLayoutPreview", "TroupeLoadFusion", "TroupeEncodeSubjects", "TroupeGranularity",
+    "TroupeFusionWeightsPreview",
 }
 PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231"]
 

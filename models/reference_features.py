@@ -1,0 +1,75 @@
+"""TROUPE_CLIP_FEATURES: per-subject hierarchical CLIP features, their HMoE fusion and granularity overrides."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Sequence
+
+import torch
+
+from .hmoe import HMoE, normalise_weights
+
+
+@dataclass(frozen=True)
+class ClipFeatures:
+    """Hierarchical features [N, L, G, D] of N subjects at the 1-based ``layers`` of an encoder.
+
+    With a fusion module, ``routed`` [N, L] holds the router's weights (Eq. 7 of 004), ``weights``
+    [N, L] the weights in use (routed, or the artist's override, B.4 of 004) and ``fused`` [N, G, E]
+    the fused tokens (Eq. 8 of 004). Fusion does not depend on the timestep, so it runs once here.
+    """
+
+    hidden: torch.Tensor
+    layers: tuple[int, ...]
+    encoder: str
+    labels: tuple[str, ...]
+    fusion: HMoE | None = None
+    routed: torch.Tensor | None = None
+    weights: torch.Tensor | None = None
+    fused: torch.Tensor | None = None
+
+    @property
+    def num_subjects(self) -> int:
+        return int(self.hidden.shape[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.hidden.shape[-1])
+
+    @property
+    def overridden(self) -> bool:
+        return self.routed is not None and not torch.equal(self.routed, self.weights)
+
+    def tokens(self) -> torch.Tensor:
+        """The reference tokens an adapter attends to: the fused tokens, else the high layer's tokens."""
+        return self.fused if self.fused is not None else self.hidden[:, -1]
+
+
+def fuse(features: ClipFeatures, fusion: HMoE, override: torch.Tensor | None = None) -> ClipFeatures:
+    """Run HMoE on the features once (Eqs. 6-8 of 004), optionally with override weights [1 or N, L]."""
+    if len(features.layers) != fusion.config.num_levels:
+        raise ValueError(f"the fusion module fuses {fusion.config.num_levels} levels but the features have "
+                         f"{len(features.layers)} layers {features.layers}")
+    param = next(fusion.parameters())
+    hidden = features.hidden.to(device=param.device, dtype=param.dtype)
+    with torch.inference_mode():
+        out = fusion(hidden, override=override)
+    return replace(features, fusion=fusion, routed=out.routed_weights.float().cpu(), weights=out.weights.float().cpu(),
+                   fused=out.fused.cpu())
+
+
+def override_weights(features: ClipFeatures, weights: Sequence[float], subject: int = 0) -> ClipFeatures:
+    """B.4 of 004: replace the routed weights of one subject (1-based) or of all (0) and fuse again."""
+    if features.fusion is None:
+        raise ValueError("these features have no fusion module: load fusion weights (TroupeLoadFusion) and pass "
+                         "them to TroupeEncodeSubjects first")
+    n = features.num_subjects
+    if not 0 <= subject <= n:
+        raise ValueError(f"subject {subject} does not exist: use 0 for all or 1..{n}")
+    chosen = normalise_weights(weights)[0]
+    current = features.weights.clone()
+    if subject == 0:
+        current[:] = chosen
+    else:
+        current[subject - 1] = chosen
+    refused = fuse(features, features.fusion, override=current)
+    return replace(refused, routed=features.routed)

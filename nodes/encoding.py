@@ -1,0 +1,206 @@
+"""Reference encoding nodes: hierarchical CLIP features, HMoE fusion, granularity control, weight preview."""
+from __future__ import annotations
+
+import json
+
+import comfy.model_management
+import comfy.utils
+import folder_paths
+import torch
+from comfy_api.latest import io, ui
+
+from ..models.clip_features import check_layers, default_layers, record_layers, stack_levels, subject_batch
+from ..models.hmoe import FusionCheckpointError, HMoE, hmoe_from_state_dict
+from ..models.reference_features import ClipFeatures, fuse, override_weights
+from ..models.weights_chart import draw_fusion_weights
+from . import paths, types
+
+CATEGORY = "Troupe/encoding"
+
+
+# --------------------------------------------------------------------------- work functions
+
+
+def vision_blocks(clip_vision) -> torch.nn.ModuleList:
+    """The transformer blocks of a ComfyUI CLIP_VISION model (CLIP, SigLIP)."""
+    try:
+        return clip_vision.model.vision_model.encoder.layers
+    except AttributeError:
+        raise ValueError("TroupeEncodeSubjects: input 'clip_vision' is not a CLIP/SigLIP vision model (DINOv2 "
+                         "goes to TroupeEncodeDINO); load a CLIP vision file with Load CLIP Vision") from None
+
+
+def encoder_name(clip_vision) -> str:
+    vm = clip_vision.model.vision_model
+    depth = len(vm.encoder.layers)
+    width = vm.encoder.layers[0].layer_norm1.weight.shape[0]
+    return f"{depth} layers, width {width}, {clip_vision.image_size} px"
+
+
+def parse_layers(text: str, depth: int) -> tuple[int, int, int]:
+    """'auto' or three 1-based layer numbers 'low,mid,high'."""
+    text = (text or "auto").strip().lower()
+    if text == "auto":
+        return default_layers(depth)
+    try:
+        layers = tuple(int(x) for x in text.replace(" ", "").split(","))
+    except ValueError:
+        raise ValueError(f"TroupeEncodeSubjects: input 'layers': expected 'auto' or three numbers like '10,17,24', "
+                         f"got {text!r}") from None
+    if len(layers) != 3:
+        raise ValueError(f"TroupeEncodeSubjects: input 'layers': expected three layers (low, mid, high), got {layers}")
+    return check_layers(layers, depth, where="TroupeEncodeSubjects: input 'layers'")
+
+
+def encode_subjects(clip_vision, subjects, layers: str = "auto", fusion: HMoE | None = None) -> ClipFeatures:
+    """Every subject's crop in one batched forward; record the low/mid/high layers (Sec. 4.2 of 004)."""
+    import comfy.clip_vision
+
+    blocks = vision_blocks(clip_vision)
+    chosen = parse_layers(layers, len(blocks))
+    images = [s.image[0] for s in subjects]
+    masks = [None if s.mask is None else s.masks()[0] for s in subjects]
+    size = clip_vision.image_size
+    batch = subject_batch(images, masks, size)
+    comfy.model_management.load_model_gpu(clip_vision.patcher)
+    device = clip_vision.load_device
+    pixels = comfy.clip_vision.clip_preprocess(batch.to(device), size=size, mean=clip_vision.image_mean,
+                                               std=clip_vision.image_std, crop=False).float()
+    with torch.inference_mode(), record_layers(blocks, chosen) as store:
+        clip_vision.model(pixel_values=pixels)
+        hidden = stack_levels(store, chosen)
+    out_device = comfy.model_management.intermediate_device()
+    features = ClipFeatures(hidden=hidden.float().to(out_device), layers=chosen, encoder=encoder_name(clip_vision),
+                            labels=tuple(s.label for s in subjects))
+    if fusion is not None:
+        if fusion.config.in_dim != features.width:
+            raise ValueError(f"TroupeEncodeSubjects: input 'fusion' was trained for encoder width "
+                             f"{fusion.config.in_dim} but this CLIP vision model has width {features.width}; "
+                             "load the fusion file that matches the encoder")
+        features = fuse(features, fusion)
+    return features
+
+
+def load_fusion(name: str) -> HMoE:
+    """An HMoE checkpoint from models/troupe (safetensors, or a weights-only torch file)."""
+    path = folder_paths.get_full_path_or_raise("troupe", name)
+    sd = comfy.utils.load_torch_file(path, safe_load=True)
+    try:
+        return hmoe_from_state_dict(sd)
+    except FusionCheckpointError as e:
+        raise ValueError(f"TroupeLoadFusion: input 'fusion_name' ({name}): {e}") from None
+
+
+def weights_table(features: ClipFeatures) -> str:
+    """The routed and used weights as text, one subject per line."""
+    lines = []
+    for i, label in enumerate(features.labels):
+        r = ", ".join(f"{x:.3f}" for x in features.routed[i].tolist())
+        w = ", ".join(f"{x:.3f}" for x in features.weights[i].tolist())
+        lines.append(f"{i + 1} {label}: routed [{r}]" + ("" if r == w else f" -> used [{w}]"))
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- nodes
+
+
+class TroupeLoadFusion(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="TroupeLoadFusion",
+            display_name="Troupe Load Fusion (HMoE)",
+            category=CATEGORY,
+            description="Load HMoE feature-fusion weights (DynaIP Eqs. 6-8) from models/troupe. The file holds "
+                        "three experts and the router for one CLIP vision encoder width.",
+            inputs=[io.Combo.Input("fusion_name", options=paths.list_files("troupe"),
+                                   tooltip="A fusion .safetensors in ComfyUI/models/troupe (key layout in the README).")],
+            outputs=[types.Fusion.Output(display_name="fusion")],
+        )
+
+    @classmethod
+    def execute(cls, fusion_name: str) -> io.NodeOutput:
+        return io.NodeOutput(load_fusion(fusion_name))
+
+
+class TroupeEncodeSubjects(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="TroupeEncodeSubjects",
+            display_name="Troupe Encode Subjects (hierarchical CLIP)",
+            category=CATEGORY,
+            description="Encode every subject's reference (cropped to its mask on white, padded square) in one "
+                        "batched CLIP vision forward and keep the full tokens of a low, a mid and a high layer. "
+                        "With fusion weights, fuse them with the routed HMoE weights.",
+            inputs=[
+                io.ClipVision.Input("clip_vision", tooltip="A CLIP/SigLIP vision model from Load CLIP Vision."),
+                types.Subjects.Input("subjects", tooltip="The subjects to encode (first reference image of each)."),
+                io.String.Input("layers", default="auto",
+                                tooltip="'auto' (DynaIP's 10,17,24 of 24, scaled by depth: ViT-H 13,23,32; "
+                                        "bigG 20,34,48; SigLIP 11,19,27) or three 1-based layers 'low,mid,high'."),
+                types.Fusion.Input("fusion", optional=True,
+                                   tooltip="Optional HMoE fusion weights; without them adapters use the high layer."),
+            ],
+            outputs=[types.ClipFeatures.Output(display_name="features")],
+        )
+
+    @classmethod
+    def execute(cls, clip_vision, subjects, layers: str, fusion=None) -> io.NodeOutput:
+        return io.NodeOutput(encode_subjects(clip_vision, subjects, layers, fusion))
+
+
+class TroupeGranularity(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="TroupeGranularity",
+            display_name="Troupe Granularity (fusion weights)",
+            category=CATEGORY,
+            description="Replace the router's fusion weights [low, mid, high] with your own (normalised to sum "
+                        "to 1), for one subject or all (DynaIP B.4): more low = lines and text, more mid = "
+                        "fine texture, more high = semantics. Shows the routed weights it replaced.",
+            inputs=[
+                types.ClipFeatures.Input("features", tooltip="Fused features from TroupeEncodeSubjects (with fusion)."),
+                io.Float.Input("w_low", default=1.0, min=0.0, max=10.0, step=0.05, tooltip="Low-level expert weight."),
+                io.Float.Input("w_mid", default=1.0, min=0.0, max=10.0, step=0.05, tooltip="Mid-level expert weight."),
+                io.Float.Input("w_high", default=1.0, min=0.0, max=10.0, step=0.05,
+                               tooltip="High-level expert weight."),
+                io.Int.Input("subject", default=0, min=0, max=8,
+                             tooltip="0 = all subjects, or the subject number (1-8) to change."),
+            ],
+            outputs=[types.ClipFeatures.Output(display_name="features"),
+                     io.String.Output(display_name="routed_weights")],
+        )
+
+    @classmethod
+    def execute(cls, features: ClipFeatures, w_low: float, w_mid: float, w_high: float, subject: int) -> io.NodeOutput:
+        try:
+            out = override_weights(features, [w_low, w_mid, w_high], subject)
+        except ValueError as e:
+            raise ValueError(f"TroupeGranularity: {e}") from None
+        text = weights_table(out)
+        return io.NodeOutput(out, json.dumps(out.routed.tolist()), ui=ui.PreviewText(text))
+
+
+class TroupeFusionWeightsPreview(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="TroupeFusionWeightsPreview",
+            display_name="Troupe Fusion Weights Preview",
+            category=CATEGORY,
+            description="A bar chart of each subject's fusion weights [low, mid, high]: routed by HMoE, and the "
+                        "override when TroupeGranularity changed them.",
+            inputs=[types.ClipFeatures.Input("features", tooltip="Fused features (TroupeEncodeSubjects with fusion).")],
+            outputs=[io.Image.Output(display_name="chart")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, features: ClipFeatures) -> io.NodeOutput:
+        if features.routed is None:
+            raise ValueError("TroupeFusionWeightsPreview: input 'features' has no fusion weights; connect "
+                             "TroupeLoadFusion to TroupeEncodeSubjects")
+        chart = draw_fusion_weights(features.routed, features.weights, features.labels)
+        return io.NodeOutput(chart, ui=ui.PreviewImage(chart, cls=cls))

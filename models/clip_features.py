@@ -89,7 +89,9 @@ def record_layers(blocks: nn.ModuleList, layers: Sequence[int]) -> Iterator[dict
     handles = []
     for layer in layers:
         def hook(_module, _inputs, output, layer=layer):
-            store[layer] = output[0] if isinstance(output, (tuple, list)) else output
+            # a copy: ComfyUI's CLIP layers update the residual stream in place (x += attn(x)), so the
+            # next block would overwrite the tensor this block returned
+            store[layer] = (output[0] if isinstance(output, (tuple, list)) else output).clone()
         handles.append(blocks[layer - 1].register_forward_hook(hook))
     try:
         yield store

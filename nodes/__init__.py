@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
+from .dino import TroupeEncodeDINO
 from .encoding import TroupeEncodeSubjects, TroupeFusionWeightsPreview, TroupeGranularity, TroupeLoadFusion
 from .paths import register_model_folders
 from .layout import TroupeLayout, TroupeLayoutFromMasks, TroupeLayoutPreview, TroupeLayoutToMasks
@@ -19,6 +20,7 @@ NODES: list[type[io.ComfyNode]] = [
     TroupeEncodeSubjects,
     TroupeGranularity,
     TroupeFusionWeightsPreview,
+    TroupeEncodeDINO,
 ]
 
 

@@ -12,3 +12,5 @@ Fusion = io.Custom("TROUPE_FUSION")
 # Per-subject hierarchical CLIP features, with fusion weights and fused tokens when fused
 # (models.reference_features.ClipFeatures).
 ClipFeatures = io.Custom("TROUPE_CLIP_FEATURES")
+# Per-subject DINO CLS/register/patch tokens of the subject crops, and of a whole image (models.dino.DinoFeatures).
+DinoFeatures = io.Custom("TROUPE_DINO_FEATURES")

@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import shutil
 import tempfile
 import time
 import uuid
@@ -54,6 +55,7 @@ class ComfyServer:
 
     def __post_init__(self) -> None:
         self.port = self.port or free_port()
+        self._own_workdir = self.workdir is None
         self.workdir = Path(self.workdir or tempfile.mkdtemp(prefix="troupe-comfy-"))
         self.models_dir = self.workdir / "models"
         self.output_dir = self.workdir / "output"
@@ -91,7 +93,9 @@ class ComfyServer:
             "--temp-directory", str(self.temp_dir), "--database-url", f"sqlite:///{self.workdir / 'db.sqlite'}",
             *self.extra_args,
         ]
-        env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+        # one thread: on small CI machines torch's default thread pool makes tiny models many times slower
+        env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+                   OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, cwd=COMFY_DIR, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         deadline = time.time() + timeout
@@ -117,6 +121,13 @@ class ComfyServer:
                 self.proc.wait(5)
         if getattr(self, "_log", None):
             self._log.close()
+            self._log = None
+
+    def cleanup(self) -> None:
+        """Stop the server and remove its working directory when the harness created it."""
+        self.stop()
+        if self._own_workdir and self.workdir.exists():
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> "ComfyServer":
         return self.start()
@@ -168,7 +179,9 @@ class ComfyServer:
 
     def image_path(self, image: dict) -> Path:
         """Where an image listed in a history entry's outputs lies on disk."""
-        base = {"output": self.output_dir, "temp": self.temp_dir, "input": self.input_dir}[image.get("type", "output")]
+        # ComfyUI writes temp images (PreviewImage, ui previews) under <--temp-directory>/temp
+        base = {"output": self.output_dir, "temp": self.temp_dir / "temp",
+                "input": self.input_dir}[image.get("type", "output")]
         return base / image.get("subfolder", "") / image["filename"]
 
 

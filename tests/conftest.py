@@ -26,6 +26,10 @@ def _register_pack() -> None:
 
 
 _register_pack()
+# the CI machine has 2 vCPUs: torch's default pool makes tiny fixture models 5-30x slower
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 
@@ -52,4 +56,4 @@ def comfy_server():
     server = ComfyServer(with_test_nodes=True)
     server.start()
     yield server
-    server.stop()
+    server.cleanup()

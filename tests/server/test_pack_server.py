@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PACK_NODES = {
     "TroupeSubject", "TroupeSubjectList", "TroupeLayout", "TroupeLayoutFromMasks", "TroupeLayoutToMasks",
     "TroupeLayoutPreview", "TroupeLoadFusion", "TroupeEncodeSubjects", "TroupeGranularity",
-    "TroupeFusionWeightsPreview",
+    "TroupeFusionWeightsPreview", "TroupeEncodeDINO",
 }
 PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231"]
 
@@ -65,8 +65,10 @@ def test_server_log_has_no_pack_import_error(comfy_server):
     failed = [line for line in log.splitlines() if "IMPORT FAILED" in line]
     assert not [line for line in failed if "Troupe" in line or "troupe" in line], failed
     assert not [line for line in log.splitlines() if "Cannot import" in line and "Troupe" in line]
-    # every traceback in the log (the audio nodes fail without torchaudio: harmless) is outside the pack
-    for block in re.findall(r"Traceback \(most recent call last\):\n(?:[ \t].*\n)+.*", log):
+    # every traceback while starting up (the audio nodes fail without torchaudio: harmless) is outside the pack;
+    # later tracebacks come from the tests that run bad workflows on purpose
+    startup = log.split("got prompt", 1)[0]
+    for block in re.findall(r"Traceback \(most recent call last\):\n(?:[ \t].*\n)+.*", startup):
         assert "ComfyUI-Troupe" not in block, block
 
 

@@ -73,3 +73,29 @@ def test_recorded_layers_are_the_hidden_states_after_each_block():
     assert feats.shape == (2, 3, 5, 8)
     assert torch.equal(feats[:, 0], every[1]) and torch.equal(feats[:, 2], every[5])
     assert not blocks[1]._forward_hooks  # hooks are removed afterwards
+
+
+class InPlaceBlock(Block):
+    """Like ComfyUI's CLIPLayer: the residual stream is updated in place (``x += ...``)."""
+
+    def forward(self, x):
+        x = x.clone() if not x.requires_grad and x.is_leaf else x
+        x += torch.tanh(self.lin(x))
+        return x
+
+
+def test_recorded_layers_survive_in_place_updates_of_later_blocks():
+    torch.manual_seed(1)
+    blocks = nn.ModuleList(InPlaceBlock(8) for _ in range(4))
+    x = torch.randn(2, 5, 8)
+    every, h = [], x
+    for b in blocks:
+        h = b(h)
+        every.append(h.clone())
+    with record_layers(blocks, (1, 2, 4)) as store:
+        y = x
+        for b in blocks:
+            y = b(y)
+    feats = stack_levels(store, (1, 2, 4))
+    for i, layer in enumerate((1, 2, 4)):
+        assert torch.equal(feats[:, i], every[layer - 1]), layer

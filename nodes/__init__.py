@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
+from .adapter import TroupeLoadAdapter
 from .dino import TroupeEncodeDINO
 from .encoding import TroupeEncodeSubjects, TroupeFusionWeightsPreview, TroupeGranularity, TroupeLoadFusion
 from .paths import register_model_folders
@@ -21,6 +22,7 @@ NODES: list[type[io.ComfyNode]] = [
     TroupeGranularity,
     TroupeFusionWeightsPreview,
     TroupeEncodeDINO,
+    TroupeLoadAdapter,
 ]
 
 

@@ -14,3 +14,5 @@ Fusion = io.Custom("TROUPE_FUSION")
 ClipFeatures = io.Custom("TROUPE_CLIP_FEATURES")
 # Per-subject DINO CLS/register/patch tokens of the subject crops, and of a whole image (models.dino.DinoFeatures).
 DinoFeatures = io.Custom("TROUPE_DINO_FEATURES")
+# A loaded adapter file: family ('sdxl' | 'flux'), format found, modules (models.adapter_file.Adapter).
+Adapter = io.Custom("TROUPE_ADAPTER")

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PACK_NODES = {
     "TroupeSubject", "TroupeSubjectList", "TroupeLayout", "TroupeLayoutFromMasks", "TroupeLayoutToMasks",
     "TroupeLayoutPreview", "TroupeLoadFusion", "TroupeEncodeSubjects", "TroupeGranularity",
-    "TroupeFusionWeightsPreview", "TroupeEncodeDINO",
+    "TroupeFusionWeightsPreview", "TroupeEncodeDINO", "TroupeLoadAdapter",
 }
 PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231"]
 

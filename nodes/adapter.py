@@ -1,0 +1,56 @@
+"""TroupeLoadAdapter: one loader for every adapter family (SDXL and FLUX) in models/troupe."""
+from __future__ import annotations
+
+import folder_paths
+from comfy_api.latest import io, ui
+
+from ..models.adapter_file import AdapterFamily, AdapterFormatError, detect_and_load, read_state_dict
+from . import paths, types
+
+CATEGORY = "Troupe/adapters"
+NODE = "TroupeLoadAdapter"
+
+
+def families() -> list[AdapterFamily]:
+    """The adapter families the loader asks, in order (each module exposes ``FAMILY``)."""
+    found: list[AdapterFamily] = []
+    # each family adds its module here: `from ..models import <module>`; found.append(<module>.FAMILY)
+    return found
+
+
+def load_adapter(name: str):
+    path = folder_paths.get_full_path_or_raise("troupe", name)
+    try:
+        return detect_and_load(read_state_dict(path), families(), filename=name)
+    except AdapterFormatError as e:
+        raise ValueError(f"{NODE}: input 'adapter_name' ({name}): {e}") from None
+
+
+class TroupeLoadAdapter(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id=NODE,
+            display_name="Troupe Load Adapter",
+            category=CATEGORY,
+            description="Load a multi-subject adapter from models/troupe and report what it found (format, base "
+                        "model, subjects supported, token counts). Formats: see the README.",
+            inputs=[io.Combo.Input("adapter_name", options=paths.list_files("troupe"),
+                                   tooltip="An adapter file in ComfyUI/models/troupe (.safetensors, or a .bin "
+                                           "read safely with weights_only).")],
+            outputs=[types.Adapter.Output(display_name="adapter")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def validate_inputs(cls, adapter_name: str) -> bool | str:
+        """At queue time: 0.3.75 does not check V3 combo values itself."""
+        if adapter_name in paths.list_files("troupe"):
+            return True
+        return (f"{NODE}: input 'adapter_name': no file '{adapter_name}' in models/troupe; put the adapter file "
+                "there and refresh (R), or pick another")
+
+    @classmethod
+    def execute(cls, adapter_name: str) -> io.NodeOutput:
+        adapter = load_adapter(adapter_name)
+        return io.NodeOutput(adapter, ui=ui.PreviewText(adapter.summary()))

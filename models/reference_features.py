@@ -16,12 +16,16 @@ class ClipFeatures:
     With a fusion module, ``routed`` [N, L] holds the router's weights (Eq. 7 of 004), ``weights``
     [N, L] the weights in use (routed, or the artist's override, B.4 of 004) and ``fused`` [N, G, E]
     the fused tokens (Eq. 8 of 004). Fusion does not depend on the timestep, so it runs once here.
+    ``depth`` is the encoder's number of blocks (so adapters can ask for e.g. the penultimate layer) and
+    ``image_embeds`` [N, P] its projected pooled output (what IP-Adapter base files take), when it has one.
     """
 
     hidden: torch.Tensor
     layers: tuple[int, ...]
     encoder: str
     labels: tuple[str, ...]
+    depth: int = 0
+    image_embeds: torch.Tensor | None = None
     fusion: HMoE | None = None
     routed: torch.Tensor | None = None
     weights: torch.Tensor | None = None
@@ -38,6 +42,14 @@ class ClipFeatures:
     @property
     def overridden(self) -> bool:
         return self.routed is not None and not torch.equal(self.routed, self.weights)
+
+    def layer(self, k: int) -> torch.Tensor:
+        """The full tokens [N, G, D] of 1-based layer ``k`` (negative: from the end, -2 = penultimate)."""
+        want = k if k > 0 else self.depth + 1 + k
+        if want not in self.layers:
+            raise ValueError(f"layer {want} of {self.depth} was not encoded (have {', '.join(map(str, self.layers))});"
+                             f" set TroupeEncodeSubjects' 'layers' to include {want}")
+        return self.hidden[:, self.layers.index(want)]
 
     def tokens(self) -> torch.Tensor:
         """The reference tokens an adapter attends to: the fused tokens, else the high layer's tokens."""

@@ -67,11 +67,14 @@ def encode_subjects(clip_vision, subjects, layers: str = "auto", fusion: HMoE | 
     pixels = comfy.clip_vision.clip_preprocess(batch.to(device), size=size, mean=clip_vision.image_mean,
                                                std=clip_vision.image_std, crop=False).float()
     with torch.inference_mode(), record_layers(blocks, chosen) as store:
-        clip_vision.model(pixel_values=pixels)
+        out = clip_vision.model(pixel_values=pixels)
         hidden = stack_levels(store, chosen)
+        embeds = out[2] if isinstance(out, (tuple, list)) and len(out) > 2 and torch.is_tensor(out[2]) else None
+        embeds = None if embeds is None else embeds.float().clone()
     out_device = comfy.model_management.intermediate_device()
     features = ClipFeatures(hidden=hidden.float().to(out_device), layers=chosen, encoder=encoder_name(clip_vision),
-                            labels=tuple(s.label for s in subjects))
+                            labels=tuple(s.label for s in subjects), depth=len(blocks),
+                            image_embeds=None if embeds is None else embeds.to(out_device))
     if fusion is not None:
         if fusion.config.in_dim != features.width:
             raise ValueError(f"TroupeEncodeSubjects: input 'fusion' was trained for encoder width "

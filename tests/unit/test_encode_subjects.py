@@ -71,7 +71,17 @@ def test_hierarchical_features_are_the_requested_hidden_states(enc, clip24, subj
     torch.testing.assert_close(feats.hidden, expected, rtol=0, atol=0)
     # without fusion the adapters attend to the high layer's full tokens (CLS + patches)
     assert torch.equal(feats.tokens(), feats.hidden[:, -1])
-    assert feats.encoder == "24 layers, width 64, 224 px"
+    assert feats.encoder == "24 layers, width 64, 224 px" and feats.depth == 24
+    # the projected pooled output (IP-Adapter base files take it) and layer lookup by number
+    with torch.inference_mode():
+        embeds = clip24.model(pixel_values=reference_pixels(clip24, subjects))[2].float()
+    torch.testing.assert_close(feats.image_embeds, embeds, rtol=0, atol=0)
+    assert feats.image_embeds.shape == (2, 48)
+    assert torch.equal(feats.layer(chosen[1]), expected[:, 1])
+    if 23 not in chosen:
+        with pytest.raises(ValueError, match=r"layer 23 of 24 was not encoded .* set TroupeEncodeSubjects' 'layers' "
+                                             r"to include 23"):
+            feats.layer(-2)
 
 
 def test_all_subjects_go_through_one_batched_forward(enc, clip24, subjects):

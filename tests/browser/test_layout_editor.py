@@ -286,6 +286,15 @@ def test_aspect_change_keeps_boxes_and_delete_removes_them(page, artifacts):
     page.keyboard.press("]")
     wait_selected(page, node, 1)
     assert boxes(page, node) == [two[1], two[0]]
+
+    # Resize by a corner: drag box 1's bottom-right corner by (+37, +45) canvas pixels; the corner snaps to the
+    # 8-px grid (+40, +48) and the opposite corner stays where it was.
+    first = two[1]
+    x1, y1 = round(first["x1"] * 1024), round(first["y1"] * 512)
+    drag(page, node, (x1, y1), (x1 + 37, y1 + 45))
+    wait_until(page, node, f"boxes[0].x1 === {(x1 + 40) / 1024}", "the corner resize")
+    assert boxes(page, node)[0] == {**first, "x1": (x1 + 40) / 1024, "y1": (y1 + 48) / 512}
+    assert boxes(page, node)[1] == two[0]
     assert not page.troupe_errors, page.troupe_errors
 
 

@@ -98,6 +98,8 @@ def test_encode_fuse_override_and_chart(comfy_server, files, artifacts):
 
     # Same subjects and fusion, another override: only the granularity node and the chart run again
     again = comfy_server.run(encoding_prompt(files, weights=(0.0, 2.0, 2.0), subject=0))
+    cached = next(m[1]["nodes"] for m in again["status"]["messages"] if m[0] == "execution_cached")
+    assert {"6", "7", "8"} <= set(cached) and "9" not in cached  # the encoder ran once: ComfyUI's node cache
     w2 = parse_weights(again["outputs"]["9"]["text"][0])
     assert w2["dog"][0] == weights["dog"][0] and w2["cat"][0] == weights["cat"][0]  # routed: unchanged
     assert w2["dog"][1] == w2["cat"][1] == [0.0, 0.5, 0.5]

@@ -124,10 +124,7 @@ class TroupeLoadFusion(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, fusion_name: str) -> bool | str:
         """At queue time: 0.3.75 does not check V3 combo values itself."""
-        if fusion_name in paths.list_files("troupe"):
-            return True
-        return (f"TroupeLoadFusion: input 'fusion_name': no file '{fusion_name}' in models/troupe; put the fusion "
-                ".safetensors there and refresh (R), or pick another")
+        return paths.check_listed("TroupeLoadFusion", "fusion_name", "troupe", fusion_name, "fusion .safetensors")
 
     @classmethod
     def execute(cls, fusion_name: str) -> io.NodeOutput:

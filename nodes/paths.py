@@ -27,6 +27,14 @@ def list_files(folder: str, suffixes: tuple[str, ...] = (".safetensors", ".bin",
     return [f for f in folder_paths.get_filename_list(folder) if f.lower().endswith(suffixes)]
 
 
+def check_listed(node: str, input_name: str, folder: str, name: str, what: str = "file") -> bool | str:
+    """``validate_inputs`` for a combo of files in one of the pack's folders (0.3.75 does not check V3 combos)."""
+    if name in list_files(folder):
+        return True
+    return (f"{node}: input '{input_name}': no file '{name}' in models/{folder}; put the {what} there and "
+            "refresh (R), or pick another")
+
+
 def list_hf_folders(folder: str) -> list[str]:
     """Sub-folders holding a HF transformers model (a config.json), relative to the folder's roots."""
     found = []

@@ -18,6 +18,9 @@ class ClipFeatures:
     the fused tokens (Eq. 8 of 004). Fusion does not depend on the timestep, so it runs once here.
     ``depth`` is the encoder's number of blocks (so adapters can ask for e.g. the penultimate layer) and
     ``image_embeds`` [N, P] its projected pooled output (what IP-Adapter base files take), when it has one.
+    ``penultimate`` [N, G, D] is layer ``depth - 1`` (what MS-Diffusion and IP-Adapter Plus files take),
+    always recorded; ``uncond_penultimate`` [1, G, D] and ``uncond_image_embeds`` [1, P] encode an all-zero
+    (normalised) image, the unconditional image prompt of IP-Adapter, from the same batched forward.
     """
 
     hidden: torch.Tensor
@@ -26,6 +29,9 @@ class ClipFeatures:
     labels: tuple[str, ...]
     depth: int = 0
     image_embeds: torch.Tensor | None = None
+    penultimate: torch.Tensor | None = None
+    uncond_penultimate: torch.Tensor | None = None
+    uncond_image_embeds: torch.Tensor | None = None
     fusion: HMoE | None = None
     routed: torch.Tensor | None = None
     weights: torch.Tensor | None = None
@@ -46,6 +52,8 @@ class ClipFeatures:
     def layer(self, k: int) -> torch.Tensor:
         """The full tokens [N, G, D] of 1-based layer ``k`` (negative: from the end, -2 = penultimate)."""
         want = k if k > 0 else self.depth + 1 + k
+        if want == self.depth - 1 and want not in self.layers and self.penultimate is not None:
+            return self.penultimate
         if want not in self.layers:
             raise ValueError(f"layer {want} of {self.depth} was not encoded (have {', '.join(map(str, self.layers))});"
                              f" set TroupeEncodeSubjects' 'layers' to include {want}")

@@ -53,28 +53,38 @@ def parse_layers(text: str, depth: int) -> tuple[int, int, int]:
 
 
 def encode_subjects(clip_vision, subjects, layers: str = "auto", fusion: HMoE | None = None) -> ClipFeatures:
-    """Every subject's crop in one batched forward; record the low/mid/high layers (Sec. 4.2 of 004)."""
+    """Every subject's crop in one batched forward; record the low/mid/high layers (Sec. 4.2 of 004).
+
+    The same forward also records the penultimate layer (MS-Diffusion, IP-Adapter Plus) and encodes one
+    all-zero normalised image, IP-Adapter's unconditional image prompt, as an extra batch row.
+    """
     import comfy.clip_vision
 
     blocks = vision_blocks(clip_vision)
-    chosen = parse_layers(layers, len(blocks))
+    depth = len(blocks)
+    chosen = parse_layers(layers, depth)
+    penultimate = max(depth - 1, 1)
     images = [s.image[0] for s in subjects]
     masks = [None if s.mask is None else s.masks()[0] for s in subjects]
-    size = clip_vision.image_size
+    n, size = len(images), clip_vision.image_size
     batch = subject_batch(images, masks, size)
     comfy.model_management.load_model_gpu(clip_vision.patcher)
     device = clip_vision.load_device
     pixels = comfy.clip_vision.clip_preprocess(batch.to(device), size=size, mean=clip_vision.image_mean,
                                                std=clip_vision.image_std, crop=False).float()
-    with torch.inference_mode(), record_layers(blocks, chosen) as store:
+    pixels = torch.cat([pixels, torch.zeros_like(pixels[:1])])  # the unconditional row
+    with torch.inference_mode(), record_layers(blocks, sorted({*chosen, penultimate})) as store:
         out = clip_vision.model(pixel_values=pixels)
-        hidden = stack_levels(store, chosen)
+        hidden = stack_levels(store, chosen).float()
+        second = store[penultimate].float()
         embeds = out[2] if isinstance(out, (tuple, list)) and len(out) > 2 and torch.is_tensor(out[2]) else None
         embeds = None if embeds is None else embeds.float().clone()
-    out_device = comfy.model_management.intermediate_device()
-    features = ClipFeatures(hidden=hidden.float().to(out_device), layers=chosen, encoder=encoder_name(clip_vision),
-                            labels=tuple(s.label for s in subjects), depth=len(blocks),
-                            image_embeds=None if embeds is None else embeds.to(out_device))
+    dev = comfy.model_management.intermediate_device()
+    features = ClipFeatures(hidden=hidden[:n].to(dev), layers=chosen, encoder=encoder_name(clip_vision),
+                            labels=tuple(s.label for s in subjects), depth=depth,
+                            image_embeds=None if embeds is None else embeds[:n].to(dev),
+                            penultimate=second[:n].to(dev), uncond_penultimate=second[n:].to(dev),
+                            uncond_image_embeds=None if embeds is None else embeds[n:].to(dev))
     if fusion is not None:
         if fusion.config.in_dim != features.width:
             raise ValueError(f"TroupeEncodeSubjects: input 'fusion' was trained for encoder width "

@@ -55,8 +55,10 @@ def reference_pixels(cv, subjects) -> torch.Tensor:
 
     batch = subject_batch([s.image[0] for s in subjects], [None if s.mask is None else s.mask[0] for s in subjects],
                           cv.image_size)
-    return comfy.clip_vision.clip_preprocess(batch, size=cv.image_size, mean=cv.image_mean, std=cv.image_std,
-                                             crop=False).float()
+    pixels = comfy.clip_vision.clip_preprocess(batch, size=cv.image_size, mean=cv.image_mean, std=cv.image_std,
+                                               crop=False).float()
+    # the node's batch also holds IP-Adapter's unconditional image (all-zero after normalisation) as its last row
+    return torch.cat([pixels, torch.zeros_like(pixels[:1])])
 
 
 @pytest.mark.parametrize("layers,chosen", [("auto", (10, 17, 24)), ("1, 12,24", (1, 12, 24))])
@@ -65,23 +67,30 @@ def test_hierarchical_features_are_the_requested_hidden_states(enc, clip24, subj
     assert feats.layers == chosen and feats.labels == ("dog", "cat")
     assert feats.hidden.shape == (2, 3, 257, WIDTH) and feats.hidden.dtype == torch.float32
     with torch.inference_mode():
-        _, every = clip24.model(pixel_values=reference_pixels(clip24, subjects), intermediate_output="all")[:2]
-    assert every.shape == (2, 24, 257, WIDTH)
+        _, every, pooled = clip24.model(pixel_values=reference_pixels(clip24, subjects), intermediate_output="all")[:3]
+    assert every.shape == (3, 24, 257, WIDTH)
+    uncond, every, pooled = every[2:], every[:2], pooled.float()
     expected = every[:, [c - 1 for c in chosen]].float()
     torch.testing.assert_close(feats.hidden, expected, rtol=0, atol=0)
     # without fusion the adapters attend to the high layer's full tokens (CLS + patches)
     assert torch.equal(feats.tokens(), feats.hidden[:, -1])
     assert feats.encoder == "24 layers, width 64, 224 px" and feats.depth == 24
     # the projected pooled output (IP-Adapter base files take it) and layer lookup by number
-    with torch.inference_mode():
-        embeds = clip24.model(pixel_values=reference_pixels(clip24, subjects))[2].float()
-    torch.testing.assert_close(feats.image_embeds, embeds, rtol=0, atol=0)
+    torch.testing.assert_close(feats.image_embeds, pooled[:2], rtol=0, atol=0)
     assert feats.image_embeds.shape == (2, 48)
     assert torch.equal(feats.layer(chosen[1]), expected[:, 1])
-    if 23 not in chosen:
-        with pytest.raises(ValueError, match=r"layer 23 of 24 was not encoded .* set TroupeEncodeSubjects' 'layers' "
-                                             r"to include 23"):
-            feats.layer(-2)
+    # the penultimate layer (MS-Diffusion, IP-Adapter Plus) is always there; other layers must be asked for
+    assert torch.equal(feats.layer(-2), every[:, 22].float()) and torch.equal(feats.penultimate, every[:, 22].float())
+    missing = next(k for k in (2, 3) if k not in chosen)
+    with pytest.raises(ValueError, match=rf"layer {missing} of 24 was not encoded .* set TroupeEncodeSubjects' "
+                                         rf"'layers' to include {missing}"):
+        feats.layer(missing)
+    # IP-Adapter's unconditional image prompt: an all-zero normalised image through the same tower
+    torch.testing.assert_close(feats.uncond_penultimate, uncond[:, 22].float(), rtol=0, atol=0)
+    torch.testing.assert_close(feats.uncond_image_embeds, pooled[2:], rtol=0, atol=0)
+    with torch.inference_mode():  # and it is what a forward of that image alone gives
+        alone = clip24.model(pixel_values=torch.zeros(1, 3, 224, 224), intermediate_output=-2)[1].float()
+    torch.testing.assert_close(feats.uncond_penultimate, alone, rtol=1e-5, atol=1e-5)
 
 
 def test_all_subjects_go_through_one_batched_forward(enc, clip24, subjects):
@@ -92,7 +101,7 @@ def test_all_subjects_go_through_one_batched_forward(enc, clip24, subjects):
         enc.encode_subjects(clip24, subjects)
     finally:
         hook.remove()
-    assert calls == [2]
+    assert calls == [3]  # two subjects and the all-zero unconditional image
 
 
 def test_the_mask_crops_and_blanks_the_background(enc, clip24, subjects):

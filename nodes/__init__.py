@@ -5,9 +5,13 @@ from comfy_api.latest import ComfyExtension, io
 
 from .adapter import TroupeLoadAdapter
 from .dino import TroupeEncodeDINO
+from .flux import TroupeApplyFLUX
 from .encoding import TroupeEncodeSubjects, TroupeFusionWeightsPreview, TroupeGranularity, TroupeLoadFusion
 from .paths import register_model_folders
+from .reference_branch import TroupeAttentionMaskPreview, TroupeReferenceBranch
 from .layout import TroupeLayout, TroupeLayoutFromMasks, TroupeLayoutPreview, TroupeLayoutToMasks
+from .sdxl import TroupeApplySDXL
+from .sdxl_routing import TroupeRoutingPreview
 from .subjects import TroupeSubject, TroupeSubjectList
 
 NODES: list[type[io.ComfyNode]] = [
@@ -23,6 +27,11 @@ NODES: list[type[io.ComfyNode]] = [
     TroupeFusionWeightsPreview,
     TroupeEncodeDINO,
     TroupeLoadAdapter,
+    TroupeApplyFLUX,
+    TroupeRoutingPreview,
+    TroupeApplySDXL,
+    TroupeReferenceBranch,
+    TroupeAttentionMaskPreview,
 ]
 
 

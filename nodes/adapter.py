@@ -15,6 +15,12 @@ def families() -> list[AdapterFamily]:
     """The adapter families the loader asks, in order (each module exposes ``FAMILY``)."""
     found: list[AdapterFamily] = []
     # each family adds its module here: `from ..models import <module>`; found.append(<module>.FAMILY)
+    from ..models import sdxl_formats
+
+    found.append(sdxl_formats.FAMILY)
+    from ..models import flux_adapter
+
+    found.append(flux_adapter.FAMILY)
     return found
 
 
@@ -45,10 +51,7 @@ class TroupeLoadAdapter(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, adapter_name: str) -> bool | str:
         """At queue time: 0.3.75 does not check V3 combo values itself."""
-        if adapter_name in paths.list_files("troupe"):
-            return True
-        return (f"{NODE}: input 'adapter_name': no file '{adapter_name}' in models/troupe; put the adapter file "
-                "there and refresh (R), or pick another")
+        return paths.check_listed(NODE, "adapter_name", "troupe", adapter_name, "adapter file")
 
     @classmethod
     def execute(cls, adapter_name: str) -> io.NodeOutput:

@@ -18,6 +18,9 @@ PACK_NODES = {
     "TroupeSubject", "TroupeSubjectList", "TroupeLayout", "TroupeLayoutFromMasks", "TroupeLayoutToMasks",
     "TroupeLayoutPreview", "TroupeLoadFusion", "TroupeEncodeSubjects", "TroupeGranularity",
     "TroupeFusionWeightsPreview", "TroupeEncodeDINO", "TroupeLoadAdapter",
+    "TroupeApplySDXL", "TroupeRoutingPreview",
+    "TroupeApplyFLUX",
+    "TroupeReferenceBranch", "TroupeAttentionMaskPreview",
 }
 PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231"]
 

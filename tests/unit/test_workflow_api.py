@@ -1,4 +1,7 @@
 """The UI -> API workflow converter used by the demo and the workflow tests."""
+import json
+from pathlib import Path
+
 from workflow_api import ui_to_api
 
 OBJECT_INFO = {
@@ -36,3 +39,13 @@ def test_positional_widgets_links_and_extra_values():
     assert prompt["2"]["inputs"] == {"model": ["9", 0], "seed": 42, "steps": ["7", 0], "sampler_name": "euler",
                                      "positive": ["8", 1]}
     assert "3" not in prompt and "4" not in prompt  # notes and bypassed nodes are not sent
+
+
+def test_every_image_a_shipped_workflow_loads_ships_in_assets():
+    """Users open these workflows with the pack alone: each LoadImage names one of the shipped photos."""
+    root = Path(__file__).resolve().parents[2]
+    shipped = {p.name for p in (root / "assets").glob("*.jpg")}
+    for path in sorted((root / "workflows").glob("*.json")):
+        for node in json.loads(path.read_text())["nodes"]:
+            if node["type"] == "LoadImage":
+                assert node["widgets_values"][0] in shipped, (path.name, node["widgets_values"][0])

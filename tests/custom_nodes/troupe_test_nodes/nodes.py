@@ -6,6 +6,7 @@ import json
 from comfy_api.latest import ComfyExtension, io, ui
 
 from . import cache
+from .clip_nodes import TroupeTestTinySDXLCLIP
 from .describe import describe
 
 CATEGORY = "Troupe/testing"
@@ -164,7 +165,7 @@ class TroupeTestInspect(io.ComfyNode):
 
 NODES: list[type[io.ComfyNode]] = [
     TroupeTestTinySDXL, TroupeTestTinyFLUX, TroupeTestTinyCLIPVision, TroupeTestTinyDINOv2, TroupeTestTinyVAE,
-    TroupeTestConditioning, TroupeTestInspect,
+    TroupeTestConditioning, TroupeTestInspect, TroupeTestTinySDXLCLIP,
 ]
 
 

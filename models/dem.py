@@ -1,0 +1,199 @@
+"""Learnable token S* and the Deviation Extraction Module (AlignGen, Eqs. 3-5 of 002).
+
+S* is inserted before each subject's concept tokens; the DEM updates it from the concept tokens and the
+subject's Redux tokens, and only S* is replaced (Sec. 3.2 of 002):
+
+    c' = c + SA(c)            (Eq. 3, self-attention over c_concept = [S*, concept tokens])
+    c' = c' + CA(c', redux)   (Eq. 4, cross-attention, Redux tokens as keys and values)
+    c' = c' + MLP(c')         (Eq. 5)
+    S*' = c'[0]
+
+Deviation from the paper, documented in the README: S* lives in the T5 *output* space (a 4096-d vector
+inserted into the conditioning sequence) rather than in T5's input vocabulary, because ComfyUI's text
+encoder takes no learned input embedding without patching it. Attention layers are pre-LayerNorm.
+
+Weights (``format=troupe.dem`` in the safetensors metadata, ``heads`` optional, default 8):
+``s_star`` [D]; ``self_attn.{norm.weight, norm.bias, to_q.weight, to_k.weight, to_v.weight, to_out.weight,
+to_out.bias}``; ``cross_attn.{norm_q.*, norm_kv.*, to_q.weight, to_k.weight, to_v.weight, to_out.*}``
+(to_q/k/v project to an inner width I, to_k / to_v take the Redux width, to_out maps I back to D);
+``mlp.{norm.*, fc1.weight, fc1.bias, fc2.weight, fc2.bias}``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .adapter_file import AdapterFormatError
+
+REDUX_TOKENS = 729  # FLUX.1 Redux: SigLIP-384 27x27 patches, appended after the T5 tokens
+
+
+class Attention(nn.Module):
+    """Pre-LayerNorm multi-head attention ``to_out(softmax(q k^T / sqrt(d)) v)`` without the residual."""
+
+    def __init__(self, dim: int, kv_dim: int, heads: int, *, cross: bool, inner: int | None = None, operations=None):
+        super().__init__()
+        ops = operations or nn
+        inner = inner or dim
+        self.heads, self.cross = heads, cross
+        if cross:
+            self.norm_q, self.norm_kv = ops.LayerNorm(dim), ops.LayerNorm(kv_dim)
+        else:
+            self.norm = ops.LayerNorm(dim)
+        self.to_q = ops.Linear(dim, inner, bias=False)
+        self.to_k = ops.Linear(kv_dim, inner, bias=False)
+        self.to_v = ops.Linear(kv_dim, inner, bias=False)
+        self.to_out = ops.Linear(inner, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        if self.cross:
+            q_in, kv_in = self.norm_q(x), self.norm_kv(context)
+        else:
+            q_in = kv_in = self.norm(x)
+        b, n, _ = x.shape
+        split = lambda t: t.view(b, t.shape[1], self.heads, -1).transpose(1, 2)  # noqa: E731
+        q, k, v = split(self.to_q(q_in)), split(self.to_k(kv_in)), split(self.to_v(kv_in))
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
+
+
+class MLP(nn.Module):
+    """Pre-LayerNorm two-layer GELU MLP (Eq. 5's MLP, without the residual)."""
+
+    def __init__(self, dim: int, hidden: int, operations=None):
+        super().__init__()
+        ops = operations or nn
+        self.norm, self.fc1, self.fc2 = ops.LayerNorm(dim), ops.Linear(dim, hidden), ops.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.nn.functional.gelu(self.fc1(self.norm(x))))
+
+
+class DeviationExtractionModule(nn.Module):
+    """Eqs. 3-5 of 002 over c_concept [B, 1 + l, D] with Redux tokens [B, 729, Dr]; returns S*' [B, D]."""
+
+    def __init__(self, *, dim: int = 4096, redux_dim: int = 4096, heads: int = 8, mlp_ratio: float = 4.0,
+                 inner: int | None = None, operations=None):
+        super().__init__()
+        self.s_star = nn.Parameter(torch.zeros(dim))
+        self.self_attn = Attention(dim, dim, heads, cross=False, inner=inner, operations=operations)
+        self.cross_attn = Attention(dim, redux_dim, heads, cross=True, inner=inner, operations=operations)
+        self.mlp = MLP(dim, int(round(dim * mlp_ratio)), operations=operations)
+
+    def forward(self, concept: torch.Tensor, redux: torch.Tensor) -> torch.Tensor:
+        c = concept + self.self_attn(concept)  # Eq. 3
+        c = c + self.cross_attn(c, redux)  # Eq. 4
+        c = c + self.mlp(c)  # Eq. 5
+        return c[:, 0]  # only S* is replaced
+
+
+def load_dem(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> DeviationExtractionModule:
+    """Build the DEM from its documented layout; missing / unexpected / mis-shaped keys are named."""
+    if "s_star" not in sd or "self_attn.to_q.weight" not in sd or "cross_attn.to_k.weight" not in sd:
+        raise AdapterFormatError("not a DEM file: need s_star, self_attn.*, cross_attn.*, mlp.* "
+                                 f"(README, 'FLUX reference branch'); found {sorted(sd)[:6]}")
+    dim = int(sd["s_star"].shape[0])
+    redux_dim = int(sd["cross_attn.to_k.weight"].shape[1])
+    hidden = int(sd["mlp.fc1.weight"].shape[0]) if "mlp.fc1.weight" in sd else 4 * dim
+    heads = int((metadata or {}).get("heads", 8))
+    inner = int(sd["self_attn.to_q.weight"].shape[0])
+    dem = DeviationExtractionModule(dim=dim, redux_dim=redux_dim, heads=heads, mlp_ratio=hidden / dim, inner=inner)
+    expected = dem.state_dict()
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    if missing or unexpected:
+        raise AdapterFormatError(f"DEM file does not fit: missing keys {missing[:6]}, unexpected keys {unexpected[:6]}")
+    bad = [f"{k} {tuple(sd[k].shape)} (need {tuple(v.shape)})" for k, v in expected.items() if sd[k].shape != v.shape]
+    if bad:
+        raise AdapterFormatError(f"DEM file has mis-shaped keys: {bad[:4]}")
+    dem.load_state_dict({k: v.float() for k, v in sd.items()})
+    return dem.eval().requires_grad_(False)
+
+
+# --------------------------------------------------------------------------- inserting S* into a prompt
+
+
+def insert_positions(label_positions: Sequence[Sequence[int]]) -> tuple[list[int], list[list[int]]]:
+    """Where S* goes (before each subject's first label token) and every subject's concept positions
+    ([S*, label tokens]) in the sequence after all insertions."""
+    firsts = [min(p) for p in label_positions]
+    order = sorted(range(len(firsts)), key=lambda j: firsts[j])
+    star = [0] * len(firsts)
+    for rank, j in enumerate(order):
+        star[j] = firsts[j] + rank  # each earlier insertion shifts this one by 1
+    concept = []
+    for j, pos in enumerate(label_positions):
+        shifted = [p + sum(1 for f in firsts if f <= p) for p in pos]
+        concept.append([star[j]] + shifted)
+    return star, concept
+
+
+def insert_tokens(context: torch.Tensor, label_positions: Sequence[Sequence[int]], tokens: torch.Tensor):
+    """context [B, T, D] with tokens [B, S, D] (one per subject) inserted before each subject's label."""
+    star, _ = insert_positions(label_positions)
+    firsts = [min(p) for p in label_positions]
+    pieces, last = [], 0
+    for j in sorted(range(len(firsts)), key=lambda j: firsts[j]):
+        pieces += [context[:, last:firsts[j]], tokens[:, j:j + 1]]
+        last = firsts[j]
+    pieces.append(context[:, last:])
+    return torch.cat(pieces, dim=1), star
+
+
+@dataclass
+class Alignment:
+    """Cross-modality prior alignment at sampling time (Sec. 3.2 of 002), once per run and condition.
+
+    ``apply(context, is_cond, run)``: the T5 tokens (the first ``n_t5`` of the context) get S* inserted
+    before every label; for conditional items S* is updated by the DEM from [S*, label tokens] and the
+    subject's Redux tokens (the 729 tokens per subject that ComfyUI's StyleModelApply appended after the
+    T5 tokens, in subject order), which are then removed from the context. Unconditional items get the
+    raw S*, masked out for every token, so they behave as without it.
+    """
+
+    dem: DeviationExtractionModule
+    label_positions: list[list[int]]
+    n_t5: int
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    def __deepcopy__(self, memo):
+        return self  # weights are read-only; the cache is keyed by run
+
+    def apply(self, context: torch.Tensor, is_cond: Sequence[bool], run=None):
+        key = (id(run), tuple(is_cond), tuple(context.shape))
+        hit = self._cache.get("entry")
+        if hit is not None and hit[0] == key and hit[1] is run and torch.equal(hit[2], context):
+            return hit[3]
+        out = self.compute(context, is_cond)
+        self._cache["entry"] = (key, run, context, out)
+        return out
+
+    def compute(self, context: torch.Tensor, is_cond: Sequence[bool]):
+        n_subj = len(self.label_positions)
+        need = self.n_t5 + REDUX_TOKENS * n_subj
+        if any(is_cond) and context.shape[1] < need:
+            raise ValueError(f"TroupeReferenceBranch: the DEM needs each subject's Redux tokens after the "
+                             f"{self.n_t5} T5 tokens ({need} tokens in all), the conditioning has "
+                             f"{context.shape[1]}: apply StyleModelApply (FLUX Redux) once per subject, in "
+                             "subject order, to the positive conditioning, or choose dem = none")
+        dem = self.dem.to(context.device, context.dtype)
+        t5 = context[:, : self.n_t5]
+        b = t5.shape[0]
+        stars = dem.s_star[None, None].expand(b, n_subj, -1).clone()
+        _, concept = insert_positions(self.label_positions)
+        raw, star_pos = insert_tokens(t5, self.label_positions, stars)
+        out = raw.clone()
+        with torch.no_grad():
+            for i, cond in enumerate(is_cond):
+                if not cond:
+                    continue
+                for j in range(n_subj):
+                    c_concept = raw[i:i + 1, concept[j]]
+                    redux = context[i:i + 1, self.n_t5 + REDUX_TOKENS * j: self.n_t5 + REDUX_TOKENS * (j + 1)]
+                    out[i, star_pos[j]] = dem(c_concept, redux)[0]
+        positions = [concept if cond else [[] for _ in concept] for cond in is_cond]
+        blocked = [[] if cond else list(star_pos) for cond in is_cond]
+        return out, positions, blocked

@@ -1,0 +1,346 @@
+"""Regional decoupled cross-attention for SDXL: one attn2 replace patch for any number of subjects.
+
+Two exact semantics, picked by the adapter file (``adapter.semantics``):
+
+- ``joint`` (MS-Diffusion and R^3 files): one softmax per pixel over the 4 dummy tokens and every
+  subject's gated tokens; subject j's tokens get a -10000 bias outside region j, the dummy tokens
+  get it wherever some region covers the pixel, pixels no region covers get zero image attention,
+  and ``out = text_out + scale * ip_out`` with per-subject scales on the attention probabilities.
+  Since ``(P * s) @ V = P @ (s * V)``, the per-token scales are folded into the values. The -10000 bias
+  makes masked probabilities exactly 0 (``exp`` underflows), so the patch computes the same numbers
+  without a mask: each group of pixels covered by the same regions attends only to those regions'
+  tokens, the background to nothing (``joint_groups``); the dummy tokens then never contribute.
+- ``separate`` (IP-Adapter files): ``out = text_out + sum_i lambda_i * M_i * Attn(Q, K_i, V_i)``, each
+  term computed only where ``M_i > 0``.
+
+Routing (Eq. 6 of 000): the gated tokens are ``Concat_l(w_l(t) * T_l)``; ``to_k_ip``/``to_v_ip``
+have no bias, so ``K(w T) = w K(T)`` and the per-step gate only rescales projections cached once
+per sampling run.
+
+Plain torch: the host passes its attention function (``attention(q, k, v, heads, mask=None)`` like
+ComfyUI's ``optimized_attention``) and a ``sigma -> t in [0, 1]`` converter.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .layout import Layout
+
+LayerKey = tuple[str, int, int]
+AttentionFn = Callable[..., torch.Tensor]
+
+BLOCK_CHOICES: tuple[str, ...] = ("down+mid", "all", "down", "mid", "up")
+ROUTING_MODES: tuple[str, ...] = ("learned", "static", "manual")
+SEMANTICS: tuple[str, ...] = ("joint", "separate")
+GRID_FACTORS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+
+
+# --------------------------------------------------------------------------- pure math
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
+                   mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Multi-head attention on [B, N, heads*d] tensors with an optional additive mask [N, L] (torch SDPA)."""
+    b, n, c = q.shape
+    d = c // heads
+    q, k, v = (t.reshape(b, -1, heads, d).transpose(1, 2) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return out.transpose(1, 2).reshape(b, n, c)
+
+
+def token_grid(tokens: int, latent_height: int, latent_width: int) -> tuple[int, int]:
+    """The (rows, cols) of a layer's token grid: the UNet halves with ceil, so ``ceil(latent / f)``."""
+    for f in GRID_FACTORS:
+        h, w = math.ceil(latent_height / f), math.ceil(latent_width / f)
+        if h * w == tokens:
+            return h, w
+    raise ValueError(f"{tokens} attention tokens match no downscale of the {latent_height}x{latent_width} latent")
+
+
+def block_selected(key: LayerKey, blocks: str) -> bool:
+    """Which UNet part a layer belongs to: input = down, middle = mid, output = up (A.2 of 000: down + mid)."""
+    part = {"input": "down", "middle": "mid", "output": "up"}[key[0]]
+    if blocks == "all":
+        return True
+    if blocks not in BLOCK_CHOICES:
+        raise ValueError(f"blocks must be one of {BLOCK_CHOICES}, got {blocks!r}")
+    return part in blocks.split("+")
+
+
+def joint_groups(region_masks: torch.Tensor, tokens_per_subject: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The joint attention split exactly by coverage: (pixels, subject-token indices) per set of covering regions.
+
+    With MS-Diffusion's bias (-10000 on subject j's tokens outside region j, and on the dummy tokens wherever a
+    region covers the pixel) a covered pixel's softmax gives the masked tokens ``exp(-10000 + ...)``,
+    which is exactly 0 in fp16/fp32, and the background's output is zeroed; so each group of pixels covered by
+    the same regions attends, unmasked, to those regions' tokens only, and the background to nothing.
+    """
+    on = region_masks > 0.5
+    n = on.shape[0]
+    codes = (on.long() * (2 ** torch.arange(n))[:, None]).sum(0)  # [P] bit j = region j covers the pixel
+    groups = []
+    for code in torch.unique(codes).tolist():
+        if code == 0:
+            continue
+        pixels = torch.nonzero(codes == code).flatten()
+        tokens = torch.cat([torch.arange(j * tokens_per_subject, (j + 1) * tokens_per_subject)
+                            for j in range(n) if code >> j & 1])
+        groups.append((pixels, tokens))
+    return groups
+
+
+def level_gates(num_levels: int, tokens_per_level: int, gates: torch.Tensor) -> torch.Tensor:
+    """Per-token gate [num_levels * T] of one subject's concatenated levels (Eq. 6 of 000)."""
+    if gates.numel() != num_levels:
+        raise ValueError(f"the router gave {gates.numel()} gates for {num_levels} token levels")
+    return gates.float().repeat_interleave(tokens_per_level)
+
+
+# --------------------------------------------------------------------------- parameters
+
+
+@dataclass(frozen=True)
+class RegionalParams:
+    """What TroupeApplySDXL sets: global and per-subject scales, active sigma range, blocks, routing."""
+
+    weight: float = 1.0
+    subject_weights: tuple[float, ...] = ()
+    sigma_start: float = math.inf  # the patch acts while sigma_end <= sigma <= sigma_start
+    sigma_end: float = 0.0
+    blocks: str = "down+mid"
+    routing: str = "learned"
+    schedule: str | None = None
+    refine: bool = True
+
+    def __post_init__(self) -> None:
+        if self.blocks not in BLOCK_CHOICES:
+            raise ValueError(f"blocks must be one of {BLOCK_CHOICES}, got {self.blocks!r}")
+        if self.routing not in ROUTING_MODES:
+            raise ValueError(f"routing must be one of {ROUTING_MODES}, got {self.routing!r}")
+
+
+def route_gates(adapter: Any, t: float, params: RegionalParams) -> torch.Tensor:
+    """The adapter's level gates [L] at t; with refinement off, the base level's gate (a manual schedule's w0)."""
+    kw = {} if params.refine else {"refine": False}
+    g = adapter.route(t, mode=params.routing, schedule=params.schedule, **kw)
+    return torch.as_tensor(g, dtype=torch.float32).flatten()
+
+
+# --------------------------------------------------------------------------- the patch
+
+
+class RegionalAttentionPatch:
+    """The attn2 replace of every patched layer: text attention plus the regional image attention.
+
+    ``tokens`` [N, L, T, D] are the subjects' refined levels (cond branch); ``uncond_tokens`` the same for
+    the uncond branch of ``separate`` files (IP-Adapter feeds projected zero features there) or None.
+    Everything step-independent (K/V per layer and level, masks per grid) is built lazily on the first call
+    of a run, keyed on device and dtype, and dropped by ``clear()`` (the host calls it around each run).
+    """
+
+    def __init__(self, adapter: Any, tokens: torch.Tensor, layout: Layout, params: RegionalParams, *,
+                 uncond_tokens: torch.Tensor | None = None, attention: AttentionFn = sdpa_attention,
+                 sigma_to_t: Callable[[float], float] | None = None,
+                 previous: dict[LayerKey, Callable] | None = None) -> None:
+        if adapter.semantics not in SEMANTICS:
+            raise ValueError(f"adapter semantics must be one of {SEMANTICS}, got {adapter.semantics!r}")
+        if tokens.ndim != 4:
+            raise ValueError(f"subject tokens must be [N, levels, T, D], got {tuple(tokens.shape)}")
+        n = tokens.shape[0]
+        if n != len(layout):
+            raise ValueError(f"{n} subjects but the layout has {len(layout)} regions")
+        if not params.refine:
+            tokens = tokens[:, :1]
+            uncond_tokens = None if uncond_tokens is None else uncond_tokens[:, :1]
+        self.adapter = adapter
+        self.semantics = adapter.semantics
+        self.tokens = tokens.detach()
+        self.uncond_tokens = None if uncond_tokens is None else uncond_tokens.detach()
+        self.layout = layout
+        self.params = params
+        self.subject_weights = tuple(params.subject_weights) or (1.0,) * n
+        if len(self.subject_weights) != n:
+            raise ValueError(f"{len(self.subject_weights)} subject weights for {n} subjects")
+        self.attention = attention
+        self.sigma_to_t = sigma_to_t
+        if self.semantics == "joint" and adapter.dummy_tokens is None:
+            raise ValueError("a joint-attention adapter needs dummy tokens (MS-Diffusion's dummy_image_tokens)")
+        self.previous = dict(previous or {})  # attn2 replaces that were there before: they give the text term
+        self.cache: dict[tuple, Any] = {}
+
+    # ---------------------------------------------------------------- host hooks
+
+    @property
+    def num_subjects(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def num_levels(self) -> int:
+        return int(self.tokens.shape[1])
+
+    def to(self, device) -> "RegionalAttentionPatch":
+        """ModelPatcher moves patches: pass it on to the chained ones; the cache is keyed on device."""
+        for k, p in self.previous.items():
+            if hasattr(p, "to"):
+                self.previous[k] = p.to(device)
+        return self
+
+    def __deepcopy__(self, memo) -> "RegionalAttentionPatch":
+        """ModelPatcher.clone deep-copies model options: share this immutable patch (and its run cache)."""
+        return self
+
+    def clear(self) -> None:
+        """Drop everything cached for the current run."""
+        self.cache.clear()
+
+    # ---------------------------------------------------------------- step-dependent gates
+
+    def gates(self, sigma: float) -> torch.Tensor:
+        """The level gates [L] at this step: learned (Eqs. 5-6 of 000), static, or a manual schedule."""
+        if self.num_levels == 1 and self.params.routing != "manual":
+            return torch.ones(1)
+        key = ("gates", sigma)
+        if key not in self.cache:
+            t = 1.0 if self.sigma_to_t is None else float(self.sigma_to_t(sigma))
+            t = min(max(t, 0.0), 1.0)
+            self.cache[key] = route_gates(self.adapter, t, self.params)[: self.num_levels]
+        return self.cache[key]
+
+    # ---------------------------------------------------------------- per-run cache
+
+    def _projections(self, key: LayerKey, device, dtype) -> dict[str, torch.Tensor]:
+        """K/V of all subjects' levels at one layer (once per run)."""
+        ck = ("kv", key, device, dtype)
+        if ck not in self.cache:
+            to_k, to_v = self.adapter.kv(key)
+            wk = to_k.weight.detach().to(device=device, dtype=torch.float32)
+            wv = to_v.weight.detach().to(device=device, dtype=torch.float32)
+
+            def proj(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                x = x.to(device=device, dtype=torch.float32)
+                return F.linear(x, wk).to(dtype), F.linear(x, wv).to(dtype)
+
+            n, levels, t, d = self.tokens.shape
+            entry = {}
+            entry["k"], entry["v"] = proj(self.tokens.reshape(n, levels * t, d))  # [N, L*T, C]
+            if self.uncond_tokens is not None:
+                entry["uk"], entry["uv"] = proj(self.uncond_tokens.reshape(n, levels * t, d))
+            self.cache[ck] = entry
+        return self.cache[ck]
+
+    def _masks(self, h: int, w: int, device) -> dict[str, Any]:
+        """Region masks at one token grid (once per run and resolution)."""
+        ck = ("mask", h, w, device)
+        if ck not in self.cache:
+            p = h * w
+            if self.semantics == "joint":
+                grid = self.layout.masks(h, w, edge="binary").flatten(1)  # floor start / ceil end
+                t = self.num_levels * self.tokens.shape[2]
+                groups = [(None if len(pix) == p else pix.to(device), tok.to(device))
+                          for pix, tok in joint_groups(grid, t)]
+                entry = {"groups": groups}
+            else:
+                grid = self.layout.masks(h, w, edge="coverage").flatten(1)
+                support = []
+                for m in grid:  # each subject attends only where its mask is non-zero (the rest adds 0)
+                    pix = torch.nonzero(m > 0).flatten()
+                    support.append((None if len(pix) == p else pix.to(device), m[pix].to(device)[:, None]))
+                entry = {"support": support}
+            self.cache[ck] = entry
+        return self.cache[ck]
+
+    def _token_scales(self, sigma: float, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token key scale [N, L*T] (level gates) and value scale (gates * global * subject weight)."""
+        ck = ("scales", sigma, device, dtype)
+        if ck not in self.cache:
+            g = level_gates(self.num_levels, self.tokens.shape[2], self.gates(sigma))
+            s = torch.tensor(self.subject_weights, dtype=torch.float32) * float(self.params.weight)
+            ks = g[None].expand(self.num_subjects, -1)
+            vs = ks * s[:, None]
+            self.cache[ck] = (ks.to(device=device, dtype=dtype), vs.to(device=device, dtype=dtype))
+        return self.cache[ck]
+
+    # ---------------------------------------------------------------- the attention
+
+    def active(self, sigma: float) -> bool:
+        return self.params.sigma_end <= sigma <= self.params.sigma_start
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
+        heads = extra_options["n_heads"]
+        block = extra_options["block"]
+        key = (block[0], int(block[1]), int(extra_options.get("block_index", 0)))
+        chained = self.previous.get(key) or self.previous.get(key[:2])
+        out = chained(q, k, v, extra_options) if chained is not None else self.attention(q, k, v, heads)
+        sigmas = extra_options.get("sigmas")
+        sigma = float(sigmas.flatten()[0]) if sigmas is not None else math.inf
+        if sigmas is not None and not self.active(sigma):
+            return out
+        shape = extra_options["original_shape"]
+        h, w = token_grid(q.shape[1], int(shape[-2]), int(shape[-1]))
+        chunks = list(extra_options.get("cond_or_uncond") or [0])
+        size = q.shape[0] // len(chunks)
+        for c, kind in enumerate(chunks):
+            rows = slice(c * size, (c + 1) * size)
+            if kind == 0:
+                out[rows] = out[rows] + self.image_attention(q[rows], key, h, w, sigma, heads, uncond=False)
+            elif self.uncond_tokens is not None:
+                out[rows] = out[rows] + self.image_attention(q[rows], key, h, w, sigma, heads, uncond=True)
+            # joint semantics: the uncond branch has zero boxes, so every pixel is background (zero image attention)
+        return out
+
+    def image_attention(self, q: torch.Tensor, key: LayerKey, h: int, w: int, sigma: float, heads: int,
+                        uncond: bool = False) -> torch.Tensor:
+        """The image term added to the text attention for rows q [B, P, C] of one branch."""
+        b = q.shape[0]
+        kv = self._projections(key, q.device, q.dtype)
+        masks = self._masks(h, w, q.device)
+        ks, vs = self._token_scales(sigma, q.device, q.dtype)
+        kk, vv = (kv["uk"], kv["uv"]) if uncond else (kv["k"], kv["v"])
+        kk = kk * ks[..., None]  # [N, L*T, C]: gated keys (Eq. 6 of 000)
+        vv = vv * vs[..., None]  # gated values times global and subject scales
+        out = torch.zeros_like(q)
+        if self.semantics == "joint":
+            kk, vv = kk.flatten(0, 1), vv.flatten(0, 1)
+            for pix, tok in masks["groups"]:
+                qg = q if pix is None else q[:, pix]
+                ip = self.attention(qg, kk[tok][None].expand(b, -1, -1), vv[tok][None].expand(b, -1, -1), heads)
+                if pix is None:
+                    out = ip
+                else:
+                    out[:, pix] = ip
+            return out
+        for i, (pix, m) in enumerate(masks["support"]):
+            if m.numel() == 0:
+                continue
+            qg = q if pix is None else q[:, pix]
+            ip = self.attention(qg, kk[i][None].expand(b, -1, -1), vv[i][None].expand(b, -1, -1), heads) * m.to(q.dtype)
+            if pix is None:
+                out = out + ip
+            else:
+                out[:, pix] += ip
+        return out
+
+
+def layer_keys_for(adapter: Any, blocks: str) -> list[LayerKey]:
+    """The adapter's layer locations in the chosen blocks."""
+    return [k for k in adapter.layer_keys() if block_selected(k, blocks)]
+
+
+def check_widths(adapter: Any, widths: dict[LayerKey, tuple[int, int]], keys: Sequence[LayerKey]) -> None:
+    """Every patched layer exists in the model with the adapter's widths; ``widths[key] = (context, inner)``."""
+    missing = [k for k in keys if k not in widths]
+    if missing:
+        raise ValueError(f"the adapter has weights for cross-attention layers the model lacks: {missing[:6]}"
+                         f"{' ...' if len(missing) > 6 else ''} (an adapter for another UNet?)")
+    for k in keys:
+        to_k, _ = adapter.kv(k)
+        context, inner = widths[k]
+        if to_k.weight.shape[1] != context or to_k.weight.shape[0] != inner:
+            raise ValueError(f"layer {k}: the adapter's to_k_ip maps {to_k.weight.shape[1]} -> {to_k.weight.shape[0]}"
+                             f" but the model's attention takes context {context} and has width {inner}"
+                             " (an adapter for another base model?)")

@@ -1,0 +1,170 @@
+"""TroupeApplyFLUX: the FLUX multi-subject adapter (DynaIP, 004) on a clone of a FLUX model."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import comfy.patcher_extension
+import torch
+from comfy_api.latest import io
+
+from ..models.adapter_file import Adapter
+from ..models.flux_adapter import INSTANTX, XLABS
+from ..models.flux_patch import (
+    DDS_MODES, IMAGE_ONLY, BlockPatch, FluxInjection, GeometryWrapper, InjectionParams, ReleaseWrapper,
+    check_model_fits,
+)
+from ..models.layout import Layout
+from ..models.reference_features import ClipFeatures
+from . import types
+
+CATEGORY = "Troupe/flux"
+NODE = "TroupeApplyFLUX"
+WRAPPER_KEY = "troupe_flux"
+
+
+@dataclass(frozen=True)
+class ApplySettings:
+    """The node's scalar inputs."""
+
+    weight: float = 1.0
+    start_percent: float = 0.0
+    end_percent: float = 1.0
+    branches: str = IMAGE_ONLY
+
+
+def _err(name: str, text: str) -> ValueError:
+    return ValueError(f"{NODE}: input '{name}': {text}")
+
+
+def adapter_inputs(adapter: Adapter, features: ClipFeatures) -> torch.Tensor:
+    """What the adapter's image projection reads: encoder tokens [N, G, E] (ours) or pooled [N, P] (InstantX).
+
+    InstantX was trained on SigLIP's attention-pooled output; ComfyUI 0.3.75 loads SigLIP without that head and
+    returns the post-layernorm tokens as ``image_embeds``, so their mean stands in for it (an approximation).
+    """
+    want = adapter.module.config.encoder_dim
+    if adapter.format in (INSTANTX, XLABS):
+        name, encoder = ("InstantX", "SigLIP so400m 384") if adapter.format == INSTANTX else ("XLabs", "CLIP ViT-L/14")
+        pooled = features.image_embeds
+        if pooled is None:
+            raise _err("features", f"the {name} adapter needs the encoder's pooled output (width {want}, {encoder}), "
+                                   f"but these features have none; encode with the {encoder} vision model")
+        if pooled.ndim == 3:
+            pooled = pooled.mean(1)
+        if pooled.shape[-1] != want:
+            raise _err("features", f"the {name} adapter reads pooled embeddings of width {want} ({encoder}), these "
+                                   f"have width {pooled.shape[-1]} ({features.encoder}); encode the subjects with "
+                                   "the vision model the adapter was trained with")
+        return pooled
+    tokens = features.tokens()
+    if tokens.shape[-1] != want:
+        source = "fused HMoE tokens" if features.fused is not None else f"layer {features.layers[-1]} tokens"
+        raise _err("features", f"the adapter reads tokens of width {want} but these {source} have width "
+                               f"{tokens.shape[-1]} ({features.encoder}); use the CLIP vision model and fusion "
+                               "weights the adapter was trained with")
+    return tokens
+
+
+def apply_flux(model, adapter: Adapter, features: ClipFeatures, settings: ApplySettings,
+               subjects=None, layout: Layout | None = None):
+    """A clone of ``model`` whose double and single blocks run DDS + Eq. 9 of 004 for every subject."""
+    if not isinstance(adapter, Adapter) or adapter.family != "flux":
+        fam = getattr(adapter, "family", type(adapter).__name__)
+        raise _err("adapter", f"expected a FLUX adapter from TroupeLoadAdapter, got a {fam} one; load a FLUX "
+                              "adapter file (troupe-flux, InstantX or XLabs FLUX IP-Adapter)")
+    if settings.branches not in DDS_MODES:
+        raise _err("branches", f"expected one of {', '.join(DDS_MODES)}, got {settings.branches!r}")
+    if not 0.0 <= settings.start_percent <= settings.end_percent <= 1.0:
+        raise _err("start_percent", f"need 0 <= start_percent <= end_percent <= 1, got {settings.start_percent} and "
+                                    f"{settings.end_percent}")
+    n = features.num_subjects
+    weights: tuple[float, ...] = (1.0,) * n
+    if subjects is not None:
+        if len(subjects) != n:
+            raise _err("subjects", f"{len(subjects)} subjects but the features hold {n}; connect the same subject "
+                                   "list that was encoded")
+        weights = tuple(float(s.weight) for s in subjects)
+    if layout is not None and len(layout) != n:
+        raise _err("layout", f"the layout has {len(layout)} regions but there are {n} subjects; draw one box per "
+                             "subject (region i = subject i)")
+    clone = model.clone()
+    diffusion_model = clone.get_model_object("diffusion_model")
+    try:
+        nd, ns = check_model_fits(adapter.module, diffusion_model)
+    except ValueError as e:
+        raise _err("model", str(e)) from None
+    inputs = adapter_inputs(adapter, features)
+    sampling = clone.get_model_object("model_sampling")
+    params = InjectionParams(weight=settings.weight, subject_weights=weights,
+                             sigma_start=float(sampling.percent_to_sigma(settings.start_percent)),
+                             sigma_end=float(sampling.percent_to_sigma(settings.end_percent)),
+                             dds=settings.branches)
+    tokens = adapter.module.reference_tokens(inputs)  # once per apply: it does not depend on the timestep
+    run = FluxInjection(adapter.module, tokens, params, layout, nd, getattr(diffusion_model, "patch_size", 2))
+    dit = clone.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
+    singles = list(diffusion_model.single_blocks)[:ns]  # none for double-only (XLabs) adapters
+    for kind, blocks in (("double", diffusion_model.double_blocks), ("single", singles)):
+        for i, block in enumerate(blocks):
+            previous = dit.get((f"{kind}_block", i))  # the reference branch (or another Apply) patched it first
+            clone.set_model_patch_replace(BlockPatch(run, kind, i, block, previous), "dit", f"{kind}_block", i)
+    mp = comfy.patcher_extension
+    if not mp.get_wrappers_with_key(mp.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, clone.model_options, True):
+        mp.add_wrapper_with_key(mp.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, GeometryWrapper(), clone.model_options,
+                                is_model_options=True)
+    mp.add_wrapper_with_key(mp.WrappersMP.OUTER_SAMPLE, f"{WRAPPER_KEY}_{id(run)}", ReleaseWrapper(run),
+                            clone.model_options, is_model_options=True)
+    return clone
+
+
+class TroupeApplyFLUX(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id=NODE,
+            display_name="Troupe Apply FLUX (DynaIP)",
+            category=CATEGORY,
+            description="Inject every subject into a FLUX model through an image cross-attention in each double "
+                        "and single block (DynaIP): each subject only inside its layout region (Eq. 9), only on "
+                        "the image tokens by default (Dynamic Decoupling Strategy). Returns a patched copy; the "
+                        "input model is unchanged. Works with FLUX.1 dev (guidance) and schnell, and with real CFG "
+                        "(the negative pass gets no subject features).",
+            inputs=[
+                io.Model.Input("model", tooltip="A FLUX.1 dev or schnell model (Load Diffusion Model)."),
+                types.Adapter.Input("adapter", tooltip="A FLUX adapter from Troupe Load Adapter (troupe-flux, the "
+                                                       "InstantX FLUX.1-dev IP-Adapter or XLabs' FLUX IP-Adapter)."),
+                types.ClipFeatures.Input("features",
+                                         tooltip="The subjects' features from Troupe Encode Subjects: fused HMoE "
+                                                 "tokens (or the high layer) for troupe-flux; SigLIP for InstantX; "
+                                                 "CLIP ViT-L/14 for XLabs."),
+                io.Float.Input("weight", default=1.0, min=0.0, max=5.0, step=0.05,
+                               tooltip="Global lambda: multiplies every subject's weight (0 = the base model)."),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Inject from this fraction of the sampling schedule on (0 = first step)."),
+                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Stop injecting after this fraction of the schedule (1 = last step)."),
+                io.Combo.Input("branches", options=list(DDS_MODES), default=IMAGE_ONLY,
+                               tooltip="Dynamic Decoupling Strategy: 'image branch only' (inference rule: subject "
+                                       "identity without its pose/light) or 'both branches' (text tokens too, as "
+                                       "in training; shows the entanglement of Fig. 15)."),
+                types.Subjects.Input("subjects", optional=True,
+                                     tooltip="The encoded subject list: their weights scale each subject "
+                                             "(lambda_i); without it every subject has weight 1."),
+                types.Layout.Input("layout", optional=True,
+                                   tooltip="One region per subject (region i = subject i); without a layout every "
+                                           "subject is injected over the whole image."),
+            ],
+            outputs=[io.Model.Output(display_name="model")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, branches: str) -> bool | str:
+        """At queue time: 0.3.75 does not check V3 combo values itself."""
+        if branches in DDS_MODES:
+            return True
+        return f"{NODE}: input 'branches': expected one of {', '.join(DDS_MODES)}, got {branches!r}"
+
+    @classmethod
+    def execute(cls, model, adapter, features, weight: float, start_percent: float, end_percent: float,
+                branches: str, subjects=None, layout=None) -> io.NodeOutput:
+        settings = ApplySettings(weight, start_percent, end_percent, branches)
+        return io.NodeOutput(apply_flux(model, adapter, features, settings, subjects, layout))

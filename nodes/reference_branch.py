@@ -1,0 +1,295 @@
+"""FLUX reference branch nodes: TroupeReferenceBranch (MOSAIC / AlignGen) and TroupeAttentionMaskPreview."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import comfy.model_management
+import folder_paths
+import torch
+import torch.nn.functional as F
+from comfy_api.latest import io, ui
+
+from ..models.adapter_file import AdapterFormatError, read_state_dict
+from ..models.dem import Alignment, load_dem
+from ..models.flux_reference import (
+    REFERENCE_ATTENTION, LabelNotFound, ReferenceBranch, ReferenceOptions, allowed_matrix, label_positions,
+    prepare_reference_image,
+)
+from ..models.flux_reference_blocks import find_branch, install
+from ..models.layout import PALETTE
+from ..models.reference_lora import FluxDims, load_reference_lora
+from . import paths, types
+
+CATEGORY = "Troupe/flux"
+NODE = "TroupeReferenceBranch"
+NONE = "none"
+
+
+# --------------------------------------------------------------------------- work functions
+
+
+@dataclass(frozen=True)
+class BranchInputs:
+    """Everything TroupeReferenceBranch takes besides the model, VAE, subjects and layout."""
+
+    prompt: str
+    reference_size: int = 512
+    options: ReferenceOptions = ReferenceOptions()
+    lora_name: str = NONE
+    dem_name: str = NONE
+
+
+def _err(name: str, msg: str) -> ValueError:
+    return ValueError(f"{NODE}: input '{name}': {msg}")
+
+
+def flux_dit(model):
+    """The ComfyUI FLUX diffusion model inside a MODEL, or a clear error."""
+    dit = getattr(getattr(model, "model", None), "diffusion_model", None)
+    if dit is None or not hasattr(dit, "double_blocks") or not hasattr(dit, "single_blocks"):
+        raise _err("model", "expected a FLUX model (double and single stream blocks); load FLUX.1 dev/schnell")
+    return dit
+
+
+def t5_tokenizer(clip=None):
+    """ComfyUI's own FLUX T5-XXL tokenizer (from the CLIP when given, else a fresh one from its files)."""
+    if clip is not None:
+        tok = getattr(getattr(clip, "tokenizer", None), "t5xxl", None)
+        if tok is None:
+            raise _err("clip", "this CLIP has no T5-XXL tokenizer; connect the FLUX DualCLIPLoader output or leave "
+                               "it empty (the node then uses ComfyUI's T5 tokenizer files)")
+        return tok
+    from comfy.text_encoders.flux import T5XXLTokenizer
+
+    return T5XXLTokenizer()
+
+
+def find_labels(tokenizer, prompt: str, labels: list[str]) -> tuple[list[list[int]], int]:
+    try:
+        return label_positions(tokenizer, prompt, labels)
+    except LabelNotFound as e:
+        raise _err("prompt", f"{e}; write the label in the prompt (e.g. 'a photo of a corgi') or change the "
+                             "subject's label") from None
+
+
+def encode_references(vae, model, subjects, size: int) -> tuple[list[torch.Tensor], list[int]]:
+    """Each view of each subject, masked and centred on white, VAE-encoded into the model's latent space."""
+    latents, owner = [], []
+    for j, s in enumerate(subjects):
+        masks = s.masks() if s.mask is not None else [None] * s.num_images
+        for v in range(s.num_images):
+            pixels = prepare_reference_image(s.image[v], masks[v], size)[None]
+            with torch.inference_mode():
+                lat = vae.encode(pixels[..., :3])
+                lat = model.model.process_latent_in(lat.float())
+            latents.append(lat[0].detach().float().cpu().clone())
+            owner.append(j)
+    return latents, owner
+
+
+def read_lora(name: str, dit):
+    path = folder_paths.get_full_path_or_raise("troupe", name)
+    try:
+        return load_reference_lora(read_state_dict(path), FluxDims.from_model(dit))
+    except AdapterFormatError as e:
+        raise _err("lora_name", f"{name}: {e}") from None
+
+
+def read_dem(name: str, label_pos: list[list[int]], n_t5: int) -> Alignment:
+    path = folder_paths.get_full_path_or_raise("troupe", name)
+    metadata = {}
+    if path.lower().endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(path, "pt") as f:
+            metadata = f.metadata() or {}
+    try:
+        dem = load_dem(read_state_dict(path), metadata)
+    except AdapterFormatError as e:
+        raise _err("dem_name", f"{name}: {e}") from None
+    return Alignment(dem, label_pos, n_t5)
+
+
+def reference_branch(model, vae, subjects, inputs: BranchInputs, layout=None, clip=None):
+    """Patched clone of a FLUX model with the subjects' reference stream; returns (model, report)."""
+    dit = flux_dit(model)
+    if not subjects:
+        raise _err("subjects", "connect at least one subject (TroupeSubject -> TroupeSubjectList)")
+    opts = inputs.options
+    if opts.region and (layout is None or len(layout) < len(subjects)):
+        raise _err("layout", f"'region' needs a layout with one region per subject ({len(subjects)}); connect a "
+                             "TroupeLayout or switch 'region' off")
+    if getattr(vae, "latent_channels", dit.params.in_channels) != dit.params.in_channels:
+        raise _err("vae", f"the VAE makes {vae.latent_channels}-channel latents, the model takes "
+                          f"{dit.params.in_channels}; use the FLUX VAE (ae.safetensors)")
+    tokenizer = t5_tokenizer(clip)
+    positions, n_t5 = find_labels(tokenizer, inputs.prompt, [s.label for s in subjects])
+    lora = read_lora(inputs.lora_name, dit) if inputs.lora_name != NONE else None
+    dem = read_dem(inputs.dem_name, positions, n_t5) if inputs.dem_name != NONE else None
+    latents, owner = encode_references(vae, model, subjects, inputs.reference_size)
+    region_masks = None
+    if layout is not None:
+        region_masks = lambda h, w: layout.masks(h, w)[: len(subjects)]  # noqa: E731
+    base = model.model
+    branch = ReferenceBranch(dit=dit, latents=latents, ref_subject=owner, options=opts,
+                             concept_positions=positions, subject_weights=[s.weight for s in subjects],
+                             region_masks=region_masks, lora=lora, dem=dem,
+                             compute_dtype=getattr(base, "manual_cast_dtype", None) or base.get_dtype(),
+                             n_txt_hint=n_t5 + (len(subjects) if dem is not None else 0))
+    import comfy.ldm.flux.math
+
+    patched = model.clone()
+    install(patched, branch, comfy.ldm.flux.math.attention)
+    lines = [f"{len(latents)} reference(s) of {len(subjects)} subject(s) at {inputs.reference_size}px, "
+             f"t_ref={opts.timestep}, attention={opts.attention}"]
+    for s, p in zip(subjects, positions):
+        lines.append(f"  {s.label!r}: T5 tokens {p}")
+    lines.append(f"LoRA: {lora.summary() if lora else 'none (base weights on the reference tokens)'}")
+    lines.append("DEM: " + (f"{inputs.dem_name} (S* + Deviation Extraction Module, needs Redux tokens)" if dem else
+                            "none: running the reference branch and masks alone (no S*)"))
+    return patched, "\n".join(lines)
+
+
+def mask_preview(model, width: int, height: int, size: int = 768) -> torch.Tensor:
+    """IMAGE [1, size, size, 3] of the joint attention mask: rows query, columns key; black = blocked."""
+    branch = find_branch(model.model_options)
+    if branch is None:
+        raise ValueError("TroupeAttentionMaskPreview: input 'model': no reference branch in this model; connect the "
+                         "MODEL output of TroupeReferenceBranch")
+    grid = ((height // 8 + 1) // 2, (width // 8 + 1) // 2)
+    positions = branch.concept_positions
+    if branch.dem is not None:
+        from ..models.dem import insert_positions
+
+        positions = insert_positions(branch.dem.label_positions)[1]
+    spec = branch.mask_spec(branch.n_txt_hint, grid[0] * grid[1], grid, positions)
+    allowed = allowed_matrix(spec).float()
+    segs = spec.segments()
+    colours = torch.ones(spec.length, 3)
+    colours[: spec.n_txt] = torch.tensor([0.6, 0.6, 0.6])
+    for r, (_, s, e) in enumerate(segs[2:]):
+        hexc = PALETTE[spec.ref_subject[r] % len(PALETTE)]
+        colours[s:e] = torch.tensor([int(hexc[i:i + 2], 16) / 255 for i in (1, 3, 5)])
+    img = allowed[..., None] * colours[None, :, :]
+    img = F.adaptive_avg_pool2d(img.permute(2, 0, 1)[None], (min(size, spec.length),) * 2)
+    img = F.interpolate(img, size=(size, size), mode="nearest")[0]
+    for _, s, _e in segs[1:]:
+        p = int(round(s * size / spec.length))
+        img[:, max(0, p - 1):p + 1, :] = torch.tensor([1.0, 0.85, 0.0])[:, None, None]
+        img[:, :, max(0, p - 1):p + 1] = torch.tensor([1.0, 0.85, 0.0])[:, None, None]
+    return img.permute(1, 2, 0)[None].clamp(0, 1)
+
+
+# --------------------------------------------------------------------------- nodes
+
+
+def _files() -> list[str]:
+    return [NONE] + paths.list_files("troupe")
+
+
+class TroupeReferenceBranch(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id=NODE,
+            display_name="Troupe Reference Branch (FLUX)",
+            category=CATEGORY,
+            description="MOSAIC / AlignGen reference branch for FLUX: each subject's reference (masked to the "
+                        "subject, VAE-encoded) joins every block as extra tokens with its own timestep, an optional "
+                        "reference-only LoRA (MOSAIC's subject_512.safetensors or Troupe's layout), non-overlapping "
+                        "RoPE positions and a joint attention mask (no reference-to-reference attention; optional "
+                        "selective text mask, Eq. 6 of AlignGen, and layout regions). Returns a patched copy.",
+            inputs=[
+                io.Model.Input("model", tooltip="A FLUX.1 model (dev or schnell). It is cloned, never changed."),
+                io.Vae.Input("vae", tooltip="The FLUX VAE (ae.safetensors) that encodes the reference images."),
+                types.Subjects.Input("subjects", tooltip="The subjects (TroupeSubjectList); every view of a subject "
+                                                         "becomes one reference, masked to the subject."),
+                io.String.Input("prompt", multiline=True, default="a photo of a corgi and a teapot",
+                                tooltip="The positive prompt, as given to the text encoder: each subject's label "
+                                        "is located in its T5 tokens (selective mask, S*)."),
+                io.Int.Input("reference_size", default=512, min=64, max=2048, step=16,
+                             tooltip="Side of the square each reference is resized to (MOSAIC was trained at 512)."),
+                io.Float.Input("reference_timestep", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Timestep of the reference tokens' modulation (0 = clean, as MOSAIC)."),
+                io.Float.Input("reference_guidance", default=1.0, min=0.0, max=100.0, step=0.1,
+                               tooltip="Guidance value embedded for the reference tokens (MOSAIC uses 1)."),
+                io.Combo.Input("reference_attention", options=list(REFERENCE_ATTENTION), default="joint",
+                               tooltip="joint: a reference attends to itself, the text and the image (MOSAIC, "
+                                       "recomputed each step). self_cached: to itself only; its K/V are computed "
+                                       "once per run and reused (faster)."),
+                io.Boolean.Input("selective_text", default=False,
+                                 tooltip="AlignGen Eq. 6: only the tokens of a subject's label (and S*) may attend "
+                                         "to that subject's reference."),
+                io.Boolean.Input("region", default=False,
+                                 tooltip="Image tokens attend only to the reference of the subject whose layout "
+                                         "region they are in (needs a layout)."),
+                io.Combo.Input("lora_name", options=_files(), default=NONE,
+                               tooltip="Reference LoRA in models/troupe (MOSAIC's subject_512.safetensors or "
+                                       "Troupe's layout); none = base weights on the reference tokens."),
+                io.Float.Input("lora_strength", default=1.0, min=0.0, max=2.0, step=0.05,
+                               tooltip="Scale of the reference LoRA (1 = as trained)."),
+                io.Combo.Input("dem_name", options=_files(), default=NONE,
+                               tooltip="S* + Deviation Extraction Module weights (AlignGen) in models/troupe; "
+                                       "needs each subject's Redux tokens in the conditioning. none = branch and "
+                                       "masks alone."),
+                types.Layout.Input("layout", optional=True,
+                                   tooltip="Subject regions (region i = subject i), for the 'region' option."),
+                io.Clip.Input("clip", optional=True,
+                              tooltip="Optional FLUX CLIP: its T5 tokenizer finds the label tokens. Without it "
+                                      "ComfyUI's own T5 tokenizer files are used (no weights needed)."),
+            ],
+            outputs=[io.Model.Output(display_name="model")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def validate_inputs(cls, lora_name: str = NONE, dem_name: str = NONE, reference_attention: str = "joint",
+                        **_kw) -> bool | str:
+        """At queue time: 0.3.75 does not check V3 combo values itself."""
+        files = _files()
+        for name, value in (("lora_name", lora_name), ("dem_name", dem_name)):
+            if value not in files:
+                return (f"{NODE}: input '{name}': no file '{value}' in models/troupe; put it there and refresh (R), "
+                        "or pick 'none'")
+        if reference_attention not in REFERENCE_ATTENTION:
+            return f"{NODE}: input 'reference_attention': expected one of {REFERENCE_ATTENTION}, got {reference_attention!r}"
+        return True
+
+    @classmethod
+    def execute(cls, model, vae, subjects, prompt: str, reference_size: int, reference_timestep: float,
+                reference_guidance: float, reference_attention: str, selective_text: bool, region: bool,
+                lora_name: str, lora_strength: float, dem_name: str, layout=None, clip=None) -> io.NodeOutput:
+        options = ReferenceOptions(timestep=reference_timestep, guidance=reference_guidance,
+                                   attention=reference_attention, selective_text=selective_text, region=region,
+                                   lora_strength=lora_strength)
+        inputs = BranchInputs(prompt=prompt, reference_size=reference_size, options=options, lora_name=lora_name,
+                              dem_name=dem_name)
+        patched, report = reference_branch(model, vae, subjects, inputs, layout=layout, clip=clip)
+        return io.NodeOutput(patched, ui=ui.PreviewText(report))
+
+
+class TroupeAttentionMaskPreview(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="TroupeAttentionMaskPreview",
+            display_name="Troupe Attention Mask Preview",
+            category=CATEGORY,
+            description="Draws the joint attention mask of a reference-branch model: rows are queries, columns keys, "
+                        "in the order text | image | reference 1 | reference 2 ...; grey = text, white = image, "
+                        "subject colours = references, black = blocked; yellow lines separate the parts.",
+            inputs=[
+                io.Model.Input("model", tooltip="The MODEL output of TroupeReferenceBranch."),
+                io.Int.Input("width", default=1024, min=64, max=8192, step=16,
+                             tooltip="Width in pixels of the image you will generate (sets the image token count)."),
+                io.Int.Input("height", default=1024, min=64, max=8192, step=16,
+                             tooltip="Height in pixels of the image you will generate."),
+            ],
+            outputs=[io.Image.Output(display_name="image")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, model, width: int, height: int) -> io.NodeOutput:
+        img = mask_preview(model, width, height).to(comfy.model_management.intermediate_device())
+        return io.NodeOutput(img, ui=ui.PreviewImage(img, cls=cls))

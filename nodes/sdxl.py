@@ -1,0 +1,235 @@
+"""TroupeApplySDXL: patch a clone of an SDXL model with regional multi-subject cross-attention."""
+from __future__ import annotations
+
+import dataclasses
+
+import comfy.patcher_extension
+import torch
+from comfy_api.latest import io
+
+from ..models.layout import Layout
+from ..models.reference_features import ClipFeatures
+from ..models.sdxl_patch import (
+    BLOCK_CHOICES, ROUTING_MODES, LayerKey, RegionalAttentionPatch, RegionalParams, check_widths, layer_keys_for,
+    route_gates,
+)
+from . import types
+
+CATEGORY = "Troupe/adapters"
+NODE = "TroupeApplySDXL"
+WRAPPER_KEY = "troupe_sdxl_regional"
+
+
+def fail(name: str, message: str) -> ValueError:
+    return ValueError(f"{NODE}: input '{name}': {message}")
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def phrase_embeddings(clip, labels: tuple[str, ...]) -> torch.Tensor:
+    """CLIP-L's unprojected pooled output of each label [N, width] (MS-Diffusion's phrase embedding)."""
+    clip_l = getattr(clip.cond_stage_model, "clip_l", None)
+    if clip_l is None:
+        raise fail("clip", "this CLIP has no CLIP-L text encoder (clip_l); connect the SDXL checkpoint's CLIP")
+    clip.load_model()
+    out = []
+    try:
+        clip_l.reset_clip_options()
+        clip_l.set_clip_options({"projected_pooled": False})
+        with torch.inference_mode():
+            for label in labels:
+                tokens = clip.tokenize(label)
+                _, pooled = clip_l.encode_token_weights(tokens["l"] if isinstance(tokens, dict) else tokens)[:2]
+                out.append(pooled[0].float().cpu())
+    finally:
+        clip_l.reset_clip_options()
+    return torch.stack(out)
+
+
+def image_features(module, features: ClipFeatures) -> torch.Tensor:
+    """The feature tensor the adapter's image projection takes, width-checked."""
+    if module.image_input == "penultimate":
+        try:
+            x = features.layer(-2)
+        except ValueError as e:
+            raise fail("features", f"this adapter reads the penultimate CLIP vision layer: {e}") from None
+        width = x.shape[-1]
+    elif module.image_input == "image_embeds":
+        x = features.image_embeds
+        if x is None:
+            raise fail("features", "this adapter takes the projected image embeds, but the CLIP vision model has no "
+                                   "projection; load the CLIP vision file the adapter was trained with")
+        width = x.shape[-1]
+    else:
+        raise fail("adapter", f"unknown image input {module.image_input!r}")
+    if width != module.image_width:
+        raise fail("features", f"the adapter expects CLIP vision features of width {module.image_width} but got "
+                               f"{width} ({features.encoder}); encode with the CLIP vision model the adapter was "
+                               "trained with (MS-Diffusion: ViT-bigG, IP-Adapter plus/base: ViT-H)")
+    return x.float()
+
+
+def attention_widths(model) -> dict[LayerKey, tuple[int, int]]:
+    """Every cross-attention location of the UNet as ComfyUI keys it: (context width, inner width)."""
+    unet = model.get_model_object("diffusion_model")
+    found: dict[LayerKey, tuple[int, int]] = {}
+    parts = [("input", i, b) for i, b in enumerate(unet.input_blocks)]
+    parts += [("middle", 0, unet.middle_block)]
+    parts += [("output", i, b) for i, b in enumerate(unet.output_blocks)]
+    for name, idx, block in parts:
+        for layer in block:
+            for j, tb in enumerate(getattr(layer, "transformer_blocks", [])):
+                attn2 = getattr(tb, "attn2", None)
+                if attn2 is not None:
+                    found[(name, idx, j)] = (attn2.to_k.weight.shape[1], attn2.to_k.weight.shape[0])
+    return found
+
+
+# --------------------------------------------------------------------------- work function
+
+
+def apply_sdxl(model, adapter, features: ClipFeatures, layout: Layout, params: RegionalParams, clip=None,
+               start_percent: float = 0.0, end_percent: float = 1.0):
+    """Return a patched clone of ``model`` (active from start to end percent); the model passed in is untouched."""
+    import comfy.ldm.modules.attention as comfy_attention
+
+    if getattr(adapter, "family", None) != "sdxl":
+        raise fail("adapter", f"expected an SDXL adapter, got a {getattr(adapter, 'family', type(adapter).__name__)}"
+                              " one; load an MS-Diffusion, R^3 or IP-Adapter SDXL file with TroupeLoadAdapter")
+    module = adapter.module
+    n = features.num_subjects
+    if n != len(layout):
+        raise fail("layout", f"{len(layout)} regions for {n} encoded subjects; draw one box per subject")
+    if params.subject_weights and len(params.subject_weights) != n:
+        raise fail("subjects", f"{len(params.subject_weights)} subjects connected but {n} were encoded; connect the "
+                               "same subject list as TroupeEncodeSubjects")
+    keys = layer_keys_for(module, params.blocks)
+    if not keys:
+        raise fail("blocks", f"the adapter has no layers in '{params.blocks}'; pick 'all'")
+    try:
+        check_widths(module, attention_widths(model), keys)
+    except ValueError as e:
+        raise fail("model", str(e)) from None
+    if params.routing == "manual" or (params.refine and module.num_levels > 1):
+        try:  # a malformed manual schedule or a file without router weights fails here, not mid-sampling
+            route_gates(module, 0.5, params)
+        except ValueError as e:
+            raise fail("schedule" if params.routing == "manual" else "routing", str(e)) from None
+    feats = image_features(module, features)
+    phrases = None
+    if module.needs_phrases:
+        if clip is None:
+            raise fail("clip", "this adapter grounds each subject with its label's CLIP-L embedding; connect the "
+                               "checkpoint's CLIP")
+        phrases = phrase_embeddings(clip, features.labels)
+    ref = next(module.parameters())
+    feats = feats.to(device=ref.device, dtype=ref.dtype)
+    boxes = torch.tensor(layout.boxes, dtype=ref.dtype, device=ref.device)
+    phrases = None if phrases is None else phrases.to(device=ref.device, dtype=ref.dtype)
+    with torch.inference_mode():
+        tokens = module.subject_tokens(feats, boxes, phrases).float().cpu().clone()
+        uncond = None
+        if module.semantics == "separate":
+            zero = torch.zeros_like(feats)  # IP-Adapter's uncond: zero embeds (base), an encoded zero image (plus)
+            encoded_zero = getattr(features, "uncond_penultimate", None)
+            if module.image_input == "penultimate" and encoded_zero is not None:
+                zero = encoded_zero.to(feats).expand_as(feats)
+            uncond = module.subject_tokens(zero, boxes, phrases).float().cpu().clone()
+    sampling = model.get_model_object("model_sampling")
+    params = dataclasses.replace(params, sigma_start=float(sampling.percent_to_sigma(start_percent)),
+                                 sigma_end=float(sampling.percent_to_sigma(end_percent)))
+
+    def sigma_to_t(sigma: float) -> float:
+        return float(sampling.timestep(torch.tensor([sigma], dtype=torch.float32))[0]) / 1000.0
+
+    existing = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
+    previous = {k: existing.get(k) or existing.get(k[:2]) for k in keys}  # e.g. another adapter: it keeps working
+    patch = RegionalAttentionPatch(module, tokens, layout, params, uncond_tokens=uncond,
+                                   attention=comfy_attention.optimized_attention, sigma_to_t=sigma_to_t,
+                                   previous={k: p for k, p in previous.items() if p is not None})
+    m = model.clone()
+    for block, idx, j in keys:
+        m.set_model_attn2_replace(patch, block, idx, j)
+
+    def run_scope(executor, *args, **kwargs):
+        """Build the patch's cache lazily inside each run and drop it after, even when interrupted."""
+        patch.clear()
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            patch.clear()
+
+    m.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY)
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, run_scope)
+    return m
+
+
+# --------------------------------------------------------------------------- node
+
+
+class TroupeApplySDXL(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id=NODE,
+            display_name="Troupe Apply SDXL (multi-subject)",
+            category=CATEGORY,
+            description="Patch a copy of an SDXL model so every subject attends only inside its layout region, in "
+                        "one patch for any number of subjects. MS-Diffusion / R^3 files: one joint masked softmax "
+                        "over all subjects' tokens; IP-Adapter files: one masked IP-Adapter term per subject.",
+            inputs=[
+                io.Model.Input("model", tooltip="The SDXL model to patch (a copy is patched, the input is untouched)."),
+                types.Adapter.Input("adapter", tooltip="An SDXL adapter from Troupe Load Adapter (MS-Diffusion, R^3, "
+                                                       "IP-Adapter SDXL or plus)."),
+                types.ClipFeatures.Input("features",
+                                         tooltip="The subjects encoded by Troupe Encode Subjects with the CLIP vision "
+                                                 "model the adapter expects (MS-Diffusion: bigG; IP-Adapter: ViT-H)."),
+                types.Layout.Input("layout", tooltip="One region per subject, in subject order (Troupe Layout)."),
+                io.Float.Input("weight", default=0.6, min=0.0, max=5.0, step=0.05,
+                               tooltip="Global image scale: out = text + weight * image attention (MS-Diffusion "
+                                       "uses 0.6)."),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Sampling progress at which the subjects start acting (0 = first step)."),
+                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Sampling progress after which the subjects stop acting (1 = last step)."),
+                io.Combo.Input("blocks", options=list(BLOCK_CHOICES), default="down+mid",
+                               tooltip="Which cross-attention layers to patch: down + mid (A.2 of R^3), all, or "
+                                       "one part."),
+                io.Combo.Input("routing", options=list(ROUTING_MODES), default="learned",
+                               tooltip="How the four token levels are weighted per step: learned (the file's "
+                                       "router), static (25% each), manual (the schedule string)."),
+                io.String.Input("schedule", default="",
+                                tooltip="Manual routing only: the level weights per timestep (format in the README, "
+                                        "e.g. '0.0:1,0,0,0; 0.5:0.25,0.25,0.25,0.25; 1.0:0,0,0,1')."),
+                io.Boolean.Input("refine", default=True,
+                                 tooltip="Use the refined detail levels (R^3 files); off = base tokens only, as "
+                                         "MS-Diffusion."),
+                io.Clip.Input("clip", optional=True,
+                              tooltip="The checkpoint's CLIP: each subject's label is embedded with CLIP-L for the "
+                                      "grounding resampler (MS-Diffusion and R^3 files need it)."),
+                types.Subjects.Input("subjects", optional=True,
+                                     tooltip="Optional: the subject list, to use each subject's weight (default 1)."),
+            ],
+            outputs=[io.Model.Output(display_name="model")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, blocks: str = "down+mid", routing: str = "learned", **kw) -> bool | str:
+        """At queue time: 0.3.75 does not check V3 combo values itself."""
+        if blocks not in BLOCK_CHOICES:
+            return f"{NODE}: input 'blocks': expected one of {', '.join(BLOCK_CHOICES)}, got {blocks!r}"
+        if routing not in ROUTING_MODES:
+            return f"{NODE}: input 'routing': expected one of {', '.join(ROUTING_MODES)}, got {routing!r}"
+        return True
+
+    @classmethod
+    def execute(cls, model, adapter, features, layout, weight: float, start_percent: float, end_percent: float,
+                blocks: str, routing: str, schedule: str, refine: bool, clip=None, subjects=None) -> io.NodeOutput:
+        if start_percent > end_percent:
+            raise fail("end_percent", f"end ({end_percent}) is before start ({start_percent}); set end >= start")
+        if routing == "manual" and not schedule.strip():
+            raise fail("schedule", "routing is 'manual' but the schedule is empty; write one or pick 'learned'")
+        params = RegionalParams(weight=weight, subject_weights=tuple(s.weight for s in subjects or ()),
+                                blocks=blocks, routing=routing, schedule=schedule.strip() or None, refine=bool(refine))
+        return io.NodeOutput(apply_sdxl(model, adapter, features, layout, params, clip, start_percent, end_percent))

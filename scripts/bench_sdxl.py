@@ -1,0 +1,286 @@
+"""Per-step cost of TroupeApplySDXL's regional patch vs the base SDXL UNet, in one run.
+
+The full-size SDXL UNet architecture (ComfyUI's own classes, 2.57 B parameters, random weights) at
+512x512 (64x64 latent), one UNet forward per configuration (a sampler step on the cond branch), for
+1, 2, 4, 8 subjects with all four token levels (an R^3 file: refiner + router), joint semantics. The
+per-run work (K/V of every layer, masks per resolution) is built before the timed forward, as the patch
+does on a run's first call, and reported on its own. The CPU is shared, so rounds are interleaved and
+the time spent inside the image-attention term is also measured within each patched forward (its share
+of that same step is robust to the machine's load). Peak memory is the largest resident-set growth
+during the forward (sampled every 5 ms), since CPU torch has no allocator statistics.
+
+Run: .host/venv/bin/python scripts/bench_sdxl.py [--size 512] [--subjects 1,2,4,8] [--repeats 1]
+Prints a markdown table (the README's ``### Measured``).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))  # the tiny-model helpers (ComfyUI in-process on CPU) live with the tests
+
+import conftest  # noqa: E402,F401  (registers the pack as comfyui_troupe; sets 1 torch thread)
+import torch  # noqa: E402
+
+FULL_SDXL_UNET = {
+    "use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4, "use_spatial_transformer": True,
+    "legacy": False, "num_classes": "sequential", "adm_in_channels": 2816, "model_channels": 320,
+    "num_res_blocks": [2, 2, 2], "channel_mult": [1, 2, 4], "transformer_depth": [0, 0, 2, 2, 10, 10],
+    "transformer_depth_middle": 10, "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
+    "use_linear_in_transformer": True, "context_dim": 2048, "num_head_channels": 64,
+    "use_temporal_attention": False, "use_temporal_resblock": False,
+}
+
+
+def rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def trim() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+class PeakRSS:
+    """Largest resident-set size seen while the block runs, minus the size at its start."""
+
+    def __enter__(self):
+        trim()  # give freed heap back to the OS so the growth below is this block's working memory
+        self.start = self.peak = rss()
+        self.running = True
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+        return self
+
+    def _watch(self):
+        while self.running:
+            self.peak = max(self.peak, rss())
+            time.sleep(0.005)
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
+        self.peak = max(self.peak, rss())
+
+    @property
+    def growth(self) -> int:
+        return self.peak - self.start
+
+
+def build_unet():
+    from fixtures.tiny_models import _patcher, ensure_comfy, init_weights
+
+    ensure_comfy()
+    import comfy.supported_models
+
+    cfg = comfy.supported_models.SDXL(dict(FULL_SDXL_UNET))
+    cfg.set_inference_dtype(torch.float32, None)
+    model = cfg.get_model({})
+    init_weights(model.diffusion_model, seed=0)
+    return _patcher(model)
+
+
+def build_adapter(widths: dict, levels: int = 4):
+    """A full-size R^3 adapter (70 layers of to_k_ip / to_v_ip, router) with random weights."""
+    from comfyui_troupe.models.sdxl_adapter import SdxlAdapter, sdxl_layer_keys
+    from comfyui_troupe.models.sdxl_refiner import RefinerConfig
+
+    keys = sdxl_layer_keys()
+    module = SdxlAdapter("troupe-r3", layer_widths=[widths[k][1] for k in keys], linear=(1280, 16),
+                         refiner=RefinerConfig() if levels == 4 else None)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.startswith("layers."):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+            elif name == "dummy_image_tokens":
+                p.copy_(torch.randn(p.shape, generator=gen))
+    return module
+
+
+def peer_model(base, adapter, peer_dir: Path, boxes, size: int, sigma_start: float, wrap=lambda fn: fn):
+    """cubiq's IPAdapter_plus Attn2Replace chained once per masked subject, keyed the way that pack keys SDXL
+    (its middle block key ("middle", 1, i) is never looked up by ComfyUI, so it patches 60 of the 70 layers)."""
+    import importlib
+    import types
+
+    pkg = types.ModuleType("troupe_bench_peer")
+    pkg.__path__ = [str(peer_dir)]
+    sys.modules["troupe_bench_peer"] = pkg
+    cap = importlib.import_module("troupe_bench_peer.CrossAttentionPatch")
+    from comfyui_troupe.models.layout import render_box
+    from comfyui_troupe.models.sdxl_adapter import sdxl_layer_keys
+
+    class PeerAdapter:
+        def __init__(self):
+            self.ip_layers = types.SimpleNamespace(to_kvs=torch.nn.ModuleDict(
+                {f"{k}_to_{kv}_ip": getattr(layer, f"to_{kv}_ip") for k, layer in adapter.layers.items()
+                 for kv in ("k", "v")}))
+
+        def get_multigpu_clone(self, device):
+            return self
+
+    ipa = PeerAdapter()
+    callback = wrap(cap.ipadapter_attention)  # the per-subject image term, timed like ours
+    gen = torch.Generator().manual_seed(2)
+    subjects = [dict(ipadapter=ipa, weight=0.6, cond=torch.randn(1, 4, 2048, generator=gen),
+                     uncond=torch.zeros(1, 4, 2048), cond_alt=None, weight_type="linear",
+                     mask=render_box(b, size // 8, size // 8)[None], sigma_start=sigma_start, sigma_end=0.0,
+                     unfold_batch=False, embeds_scaling="V only") for b in boxes]
+    m = base.clone()
+    for number, (block, idx, j) in enumerate(sdxl_layer_keys()):
+        patch = None
+        for kw in subjects:
+            kw = dict(kw, module_key=str(number * 2 + 1))
+            if patch is None:
+                patch = cap.Attn2Replace(callback, **kw)
+            else:
+                patch.add(callback, **kw)
+        m.set_model_attn2_replace(patch, block, 1 if block == "middle" else idx, j)
+    return m
+
+
+def forward(patcher, x, sigma, context, y):
+    """One UNet evaluation as the sampler makes it (transformer options with sigmas and cond_or_uncond)."""
+    to = dict(patcher.model_options["transformer_options"])
+    to.update(sigmas=sigma, cond_or_uncond=[0], sample_sigmas=sigma)
+    with torch.inference_mode():
+        t = patcher.model.model_sampling.timestep(sigma).float()
+        return patcher.model.diffusion_model(x, t, context=context, y=y, transformer_options=to)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", type=int, default=512, help="image side in pixels (latent = size / 8)")
+    ap.add_argument("--subjects", default="1,2,4,8")
+    ap.add_argument("--blocks", default="all", help="patched blocks: all (MS-Diffusion) or down+mid (A.2 of 000)")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds (the best is reported)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: keep 1, the test harness setting)")
+    ap.add_argument("--peer", type=Path, default=None,
+                    help="a checkout of cubiq/ComfyUI_IPAdapter_plus OUTSIDE this repository: also time what users do "
+                         "today, one masked IP-Adapter patch per subject (4 subjects x 4 tokens), in the same rounds")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from fixtures.tiny_models import ensure_comfy
+
+    ensure_comfy()
+    from comfyui_troupe.models.layout import Layout, Region
+    from comfyui_troupe.models.sdxl_patch import RegionalAttentionPatch, RegionalParams, layer_keys_for, token_grid
+    from comfyui_troupe.nodes import sdxl as node
+    import comfy.ldm.modules.attention as comfy_attention
+
+    t0 = time.perf_counter()
+    base = build_unet()
+    widths = node.attention_widths(base)
+    adapter = build_adapter(widths)
+    print(f"[bench] built full-size SDXL UNet ({sum(p.numel() for p in base.model.parameters()) / 1e9:.2f} B "
+          f"parameters) and R^3 adapter in {time.perf_counter() - t0:.0f} s; torch threads {torch.get_num_threads()}",
+          flush=True)
+    lat = args.size // 8
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, lat, lat, generator=gen)
+    context = torch.randn(1, 77, 2048, generator=gen)
+    y = torch.randn(1, 2816, generator=gen)
+    sampling = base.get_model_object("model_sampling")
+    sigma = sampling.percent_to_sigma(0.3) * torch.ones(1)
+
+    spent = {}  # seconds inside the image-attention term during the last forward, per patched model
+
+    def timed(patcher, name):
+        spent[name] = 0.0
+        with PeakRSS() as peak:
+            t = time.perf_counter()
+            forward(patcher, x, sigma, context, y)
+            return time.perf_counter() - t, peak.growth
+
+    def timing(name, fn):
+        def wrapped(*a, **kw):
+            t = time.perf_counter()
+            out = fn(*a, **kw)
+            spent[name] += time.perf_counter() - t
+            return out
+        return wrapped
+
+    counts = [int(s) for s in args.subjects.split(",")]
+    models, setups = {}, {}
+    for n in counts:
+        boxes = [((i % 4) / 4, (i // 4) / 2, (i % 4) / 4 + 0.3, (i // 4) / 2 + 0.55) for i in range(n)]
+        layout = Layout(args.size, args.size, tuple(Region(box=tuple(min(v, 1.0) for v in b)) for b in boxes))
+        tokens = torch.randn(n, 4, 16, 2048, generator=gen)
+        params = RegionalParams(weight=0.6, blocks=args.blocks, routing="learned")
+        patch = RegionalAttentionPatch(adapter, tokens, layout, params, attention=comfy_attention.optimized_attention,
+                                       sigma_to_t=lambda s: float(sampling.timestep(torch.tensor([s]))[0]) / 1000)
+        m = base.clone()
+        keys = layer_keys_for(adapter, args.blocks)
+        for k in keys:
+            m.set_model_attn2_replace(patch, *k)
+        t = time.perf_counter()
+        with torch.inference_mode():  # what the first call of a run builds: K/V per layer, masks per grid
+            for k in keys:
+                patch._projections(k, x.device, x.dtype)
+            for f in (2, 4):
+                patch._masks(*token_grid((lat // f) ** 2, lat, lat), x.device)
+        cache = sum(v.numel() * v.element_size() for e in patch.cache.values() if isinstance(e, dict)
+                    for v in e.values() if isinstance(v, torch.Tensor))
+        setups[n] = (time.perf_counter() - t, cache, len(keys))
+        patch.image_attention = timing(n, patch.image_attention)
+        models[n] = m
+
+    runs = [("base", base)] + [(n, models[n]) for n in counts]
+    if args.peer is not None:
+        boxes = [((i % 4) / 4, (i // 4) / 2, (i % 4) / 4 + 0.3, (i // 4) / 2 + 0.55) for i in range(4)]
+        runs.append(("peer", peer_model(base, adapter, args.peer, boxes, args.size, sampling.percent_to_sigma(0.0),
+                                        wrap=lambda fn: timing("peer", fn))))
+
+    # interleaved rounds (base, 1, 2, 4, 8, base, ...): the CPU is shared, so drift hits every config alike
+    times: dict = {"base": []}
+    mems: dict = {"base": []}
+    shares: dict = {}
+    for r in range(args.repeats):
+        for name, m in runs:
+            s, mem = timed(m, name)
+            times.setdefault(name, []).append(s)
+            mems.setdefault(name, []).append(mem)
+            if name != "base":
+                shares.setdefault(name, []).append(spent[name] / s)
+            print(f"[bench] round {r + 1} {name}: {s:.2f} s, peak +{mem / 2**20:.0f} MiB"
+                  + (f", image attention {spent[name]:.2f} s" if name != "base" else ""), flush=True)
+    base_s, base_mem = min(times["base"]), max(mems["base"])
+    rows = [(n, min(times[n]), max(mems[n]), sorted(shares[n])[len(shares[n]) // 2], *setups[n]) for n in counts]
+
+    print()
+    print(f"Full-size SDXL UNet (random weights), {args.size}x{args.size}, fp32, CPU "
+          f"({os.cpu_count()} cores, {torch.get_num_threads()} torch threads), one cond forward per config, "
+          f"best of {args.repeats} interleaved rounds; R^3 adapter with 4 levels x 16 tokens per subject, "
+          f"joint attention, blocks '{args.blocks}'.")
+    print()
+    print("| subjects | patched layers | s / step (best) | vs base | image-attention share of the step (median) "
+          "| peak memory growth in the step | vs base | per-run setup (K/V cache) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print(f"| base | 0 | {base_s:.2f} | - | - | {base_mem / 2**20:.0f} MiB | - | - |")
+    for n, s, mem, share, setup, cache, nk in rows:
+        print(f"| {n} | {nk} | {s:.2f} | {(s / base_s - 1) * 100:+.1f}% | {share * 100:.1f}% | {mem / 2**20:.0f} MiB "
+              f"| {(mem - base_mem) / 2**20:+.0f} MiB | {setup:.2f} s ({cache / 2**20:.0f} MiB) |")
+    if "peer" in times:
+        s, mem = min(times["peer"]), max(mems["peer"])
+        share = sorted(shares["peer"])[len(shares["peer"]) // 2]
+        print(f"| peer: IPAdapter_plus, 4 chained masked subjects x 4 tokens | 60 | {s:.2f} | "
+              f"{(s / base_s - 1) * 100:+.1f}% | {share * 100:.1f}% | {mem / 2**20:.0f} MiB | "
+              f"{(mem - base_mem) / 2**20:+.0f} MiB | K/V per call |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

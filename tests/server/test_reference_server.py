@@ -1,0 +1,117 @@
+"""TroupeReferenceBranch and TroupeAttentionMaskPreview in the real ComfyUI 0.3.75 server, on the tiny FLUX.
+
+Two real photos (assets/) become two references; the prompt text is tokenized with ComfyUI's own T5
+tokenizer (no text encoder weights); a MOSAIC-layout LoRA file sits in models/troupe.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from comfy_server import PromptError
+from fixtures.reference_loras import mosaic_lora_state_dict
+from fixtures.tiny_models import write_checkpoint
+from workflow_api import ui_to_api
+
+ROOT = Path(__file__).resolve().parents[2]
+SIZE = 128
+PROMPT_TEXT = "a corgi sitting next to a teapot on a table"
+
+
+@pytest.fixture(scope="module")
+def server(comfy_server):
+    for name in ("troupe_dog.jpg", "troupe_teapot.jpg"):
+        shutil.copy(ROOT / "assets" / name, comfy_server.input_dir / name)
+    write_checkpoint(comfy_server.models_dir / "troupe" / "mosaic_tiny_lora.safetensors", mosaic_lora_state_dict())
+    from comfyui_troupe.models.dem import DeviationExtractionModule
+
+    dem = DeviationExtractionModule(dim=4096, redux_dim=4096, heads=2, mlp_ratio=64 / 4096, inner=64)
+    write_checkpoint(comfy_server.models_dir / "troupe" / "tiny_dem.safetensors", dem.state_dict(),
+                     metadata={"format": "troupe.dem", "heads": "2"})
+    return comfy_server
+
+
+def branch_prompt(lora="none", attention="joint", selective=True, region=True, text=PROMPT_TEXT,
+                  labels=("corgi", "teapot"), dem="none") -> dict:
+    boxes = json.dumps({"version": 1, "boxes": [{"x0": 0, "y0": 0, "x1": 0.5, "y1": 1},
+                                                 {"x0": 0.5, "y0": 0, "x1": 1, "y1": 1}]})
+    return {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "troupe_dog.jpg"}},
+        "2": {"class_type": "LoadImage", "inputs": {"image": "troupe_teapot.jpg"}},
+        "3": {"class_type": "TroupeSubject", "inputs": {"image": ["1", 0], "label": labels[0], "weight": 1.0}},
+        "4": {"class_type": "TroupeSubject", "inputs": {"image": ["2", 0], "label": labels[1], "weight": 1.0}},
+        "5": {"class_type": "TroupeSubjectList", "inputs": {"subject_1": ["3", 0], "subject_2": ["4", 0]}},
+        "6": {"class_type": "TroupeLayout", "inputs": {"width": SIZE, "height": SIZE, "boxes": boxes,
+                                                       "subjects": ["5", 0]}},
+        "7": {"class_type": "TroupeTestTinyFLUX", "inputs": {"schnell": False, "seed": 0}},
+        "8": {"class_type": "TroupeTestTinyVAE", "inputs": {"kind": "flux", "seed": 0}},
+        "9": {"class_type": "TroupeReferenceBranch", "inputs": {
+            "model": ["7", 0], "vae": ["8", 0], "subjects": ["5", 0], "prompt": text, "reference_size": 64,
+            "reference_timestep": 0.0, "reference_guidance": 1.0, "reference_attention": attention,
+            "selective_text": selective, "region": region, "lora_name": lora, "lora_strength": 1.0,
+            "dem_name": dem, "layout": ["6", 0]}},
+        "10": {"class_type": "TroupeTestConditioning", "inputs": {"seed": 1, "kind": "flux", "batch": 1, "width": SIZE,
+                                                                 "height": SIZE, "tokens": 256, "guidance": 3.5}},
+        "11": {"class_type": "TroupeTestConditioning", "inputs": {"seed": 2, "kind": "flux", "batch": 1, "width": SIZE,
+                                                                 "height": SIZE, "tokens": 256, "guidance": 3.5}},
+        "12": {"class_type": "EmptySD3LatentImage", "inputs": {"width": SIZE, "height": SIZE, "batch_size": 1}},
+        "13": {"class_type": "KSampler", "inputs": {
+            "model": ["9", 0], "positive": ["10", 0], "negative": ["11", 0], "latent_image": ["12", 0], "seed": 0,
+            "steps": 3, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}},
+        "14": {"class_type": "VAEDecode", "inputs": {"samples": ["13", 0], "vae": ["8", 0]}},
+        "15": {"class_type": "SaveImage", "inputs": {"images": ["14", 0], "filename_prefix": "reference_branch"}},
+        "16": {"class_type": "TroupeAttentionMaskPreview", "inputs": {"model": ["9", 0], "width": SIZE,
+                                                                      "height": SIZE}},
+    }
+
+
+def saved(server, entry, node="15"):
+    images = entry["outputs"][node]["images"]
+    return [np.asarray(Image.open(server.image_path(i)).convert("RGB")).astype(int) for i in images]
+
+
+@pytest.mark.parametrize("lora,attention", [("none", "joint"), ("mosaic_tiny_lora.safetensors", "joint"),
+                                            ("mosaic_tiny_lora.safetensors", "self_cached")])
+def test_two_reference_workflow_runs_end_to_end(server, artifacts, lora, attention):
+    entry = server.run(branch_prompt(lora=lora, attention=attention))
+    (image,) = saved(server, entry)
+    assert image.shape == (SIZE, SIZE, 3)
+    report = entry["outputs"]["9"]["text"][0]
+    assert "2 reference(s) of 2 subject(s)" in report and "'corgi': T5 tokens [2, 3, 4]" in report
+    assert ("mosaic LoRA, rank 4" in report) == (lora != "none")
+    assert "DEM: none: running the reference branch and masks alone" in report
+    (mask,) = saved(server, entry, "16")
+    assert mask.shape[0] == mask.shape[1] and mask.max() > 200
+    Image.fromarray(mask.astype(np.uint8)).save(artifacts / f"reference_attention_mask_{attention}.png")
+
+
+def test_label_missing_from_the_prompt_names_node_and_input(server):
+    with pytest.raises(PromptError, match=r"TroupeReferenceBranch: input 'prompt': the subject label 'teapot' is not"):
+        server.run(branch_prompt(text="a corgi on a table"))
+
+
+def test_unknown_lora_file_is_refused_at_queue_time(server):
+    with pytest.raises(PromptError) as err:
+        server.queue(branch_prompt(lora="missing.safetensors"))
+    assert "TroupeReferenceBranch: input 'lora_name': no file 'missing.safetensors'" in json.dumps(err.value.payload)
+
+
+@pytest.mark.parametrize("name", ["flux_mosaic_multi_subject.json", "flux_reference_align.json"])
+def test_shipped_workflows_convert_and_name_the_branch(server, name):
+    workflow = json.loads((ROOT / "workflows" / name).read_text())
+    prompt = ui_to_api(workflow, server.object_info())
+    kinds = {n["class_type"] for n in prompt.values()}
+    assert {"TroupeReferenceBranch", "TroupeAttentionMaskPreview", "KSampler"} <= kinds
+    notes = [n for n in workflow["nodes"] if n["type"] == "Note"]
+    assert notes and any("models/troupe" in " ".join(map(str, n["widgets_values"])) for n in notes)
+
+
+def test_dem_file_loads_and_asks_for_the_redux_tokens(server):
+    """The DEM file loads; without StyleModelApply (Redux) tokens in the conditioning the run stops and says so."""
+    with pytest.raises(PromptError, match=r"the DEM needs each subject's Redux tokens.*StyleModelApply"):
+        server.run(branch_prompt(dem="tiny_dem.safetensors"))

@@ -17,10 +17,7 @@ Prints a markdown table (the README's FLUX adapter section).
 from __future__ import annotations
 
 import argparse
-import ctypes
-import os
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -30,46 +27,13 @@ sys.path.insert(0, str(ROOT / "tests"))  # the tiny-model helpers (ComfyUI in-pr
 import conftest  # noqa: E402,F401  (registers the pack as comfyui_troupe; sets 1 torch thread)
 import torch  # noqa: E402
 
+from bench_common import PeakRSS  # noqa: E402
+
 FULL_FLUX = {
     "image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 768, "context_in_dim": 4096,
     "hidden_size": 3072, "mlp_ratio": 4.0, "num_heads": 24, "depth": 19, "depth_single_blocks": 38,
     "axes_dim": [16, 56, 56], "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": True,
 }
-
-
-def rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def trim() -> None:
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-
-
-class PeakRSS:
-    """Largest RSS growth while the block runs (sampled every 5 ms)."""
-
-    def __enter__(self):
-        trim()
-        self.start = self.peak = rss()
-        self.stop = False
-        self.thread = threading.Thread(target=self._watch, daemon=True)
-        self.thread.start()
-        return self
-
-    def _watch(self):
-        while not self.stop:
-            self.peak = max(self.peak, rss())
-            time.sleep(0.005)
-
-    def __exit__(self, *exc):
-        self.stop = True
-        self.thread.join()
-        self.peak = max(self.peak, rss())
-        self.growth = self.peak - self.start
 
 
 def build_model(double: int, single: int):

@@ -20,38 +20,23 @@ import argparse
 import os
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-def rss_kib() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
+from bench_common import PeakRSS  # noqa: E402
 
 
 def measure(fn) -> tuple[float, float]:
     """(seconds, peak resident-set growth in MiB) of one call."""
-    start, peak, done = rss_kib(), [0], threading.Event()
+    with PeakRSS() as mem:
+        t0 = time.perf_counter()
+        fn()
+        dt = time.perf_counter() - t0
+    return dt, max(0, mem.growth) / 2**20
 
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], rss_kib())
-            time.sleep(0.005)
 
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    t0 = time.perf_counter()
-    fn()
-    dt = time.perf_counter() - t0
-    done.set()
-    thread.join()
-    return dt, max(0, max(peak[0], rss_kib()) - start) / 1024
 
 
 def build(double: int, single: int):

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -27,6 +26,8 @@ sys.path.insert(0, str(ROOT / "tests"))  # the tiny-model helpers (ComfyUI in-pr
 import conftest  # noqa: E402,F401  (registers the pack as comfyui_troupe; sets 1 torch thread)
 import torch  # noqa: E402
 
+from bench_common import PeakRSS  # noqa: E402
+
 FULL_SDXL_UNET = {
     "use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4, "use_spatial_transformer": True,
     "legacy": False, "num_classes": "sequential", "adm_in_channels": 2816, "model_channels": 320,
@@ -35,46 +36,6 @@ FULL_SDXL_UNET = {
     "use_linear_in_transformer": True, "context_dim": 2048, "num_head_channels": 64,
     "use_temporal_attention": False, "use_temporal_resblock": False,
 }
-
-
-def rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def trim() -> None:
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-
-
-class PeakRSS:
-    """Largest resident-set size seen while the block runs, minus the size at its start."""
-
-    def __enter__(self):
-        trim()  # give freed heap back to the OS so the growth below is this block's working memory
-        self.start = self.peak = rss()
-        self.running = True
-        self.thread = threading.Thread(target=self._watch, daemon=True)
-        self.thread.start()
-        return self
-
-    def _watch(self):
-        while self.running:
-            self.peak = max(self.peak, rss())
-            time.sleep(0.005)
-
-    def __exit__(self, *exc):
-        self.running = False
-        self.thread.join()
-        self.peak = max(self.peak, rss())
-
-    @property
-    def growth(self) -> int:
-        return self.peak - self.start
 
 
 def build_unet():

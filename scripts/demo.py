@@ -45,13 +45,10 @@ def main() -> int:
         prompt = ui_to_api(json.loads(args.workflow.read_text()), info)
         print(f"[demo] running {args.workflow.relative_to(ROOT)} ({len(prompt)} nodes) through /prompt ...", flush=True)
         entry = server.run(prompt)
-        written = []
-        for node_id, out in entry.get("outputs", {}).items():
-            for image in out.get("images", []):
-                path = server.image_path(image)
-                written.append(path)
-                kind = image.get("type", "output")
-                print(f"[demo] node {node_id} ({prompt[node_id]['class_type']}) wrote {kind} image {path}")
+        written = server.written_images(entry)
+        for node_id, image, path in written:
+            kind = image.get("type", "output")
+            print(f"[demo] node {node_id} ({prompt[node_id]['class_type']}) wrote {kind} image {path}")
         if not written:
             print("[demo] the workflow ran but wrote no image", file=sys.stderr)
             return 1

@@ -66,12 +66,9 @@ def run(server, info: dict) -> list[Path]:
           "TroupeTestTinySDXL / TroupeTestTinySDXLCLIP / TroupeTestTinyCLIPVision / TroupeTestTinyVAE and a "
           f"synthesised tiny MS-Diffusion adapter ({ADAPTER}) ...", flush=True)
     entry = server.run(prompt)
-    written = []
-    for node_id, out in entry.get("outputs", {}).items():
-        for image in out.get("images", []):
-            path = server.image_path(image)
-            written.append(path)
-            print(f"[demo] node {node_id} ({prompt[node_id]['class_type']}) wrote {path}")
+    written = [path for _, _, path in server.written_images(entry)]
+    for node_id, _image, path in server.written_images(entry):
+        print(f"[demo] node {node_id} ({prompt[node_id]['class_type']}) wrote {path}")
     print("[demo] NOTE: this SDXL image is NOISE. No real weights ship with the pack: the UNet, CLIP, CLIP vision, "
           "VAE and adapter above are tiny random-weight stand-ins, so this run only shows that the graph "
           "(subjects -> layout -> encode -> TroupeApplySDXL -> KSampler) works end to end. Put real files in "

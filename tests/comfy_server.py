@@ -177,6 +177,11 @@ class ComfyServer:
     def run(self, prompt: dict, timeout: float = 300.0) -> dict:
         return self.wait(self.queue(prompt), timeout)
 
+    def written_images(self, entry: dict) -> list[tuple[str, dict, Path]]:
+        """(node id, image entry, path on disk) of every image a finished prompt's history entry lists."""
+        return [(node_id, image, self.image_path(image))
+                for node_id, out in entry.get("outputs", {}).items() for image in out.get("images", [])]
+
     def image_path(self, image: dict) -> Path:
         """Where an image listed in a history entry's outputs lies on disk."""
         # ComfyUI writes temp images (PreviewImage, ui previews) under <--temp-directory>/temp

@@ -267,6 +267,17 @@ class RegionalAttentionPatch:
 
     # ---------------------------------------------------------------- the attention
 
+    def _sigma(self, sigmas: torch.Tensor | None) -> float:
+        """The step's sigma as a float, read once per UNet forward: every attention call of one forward gets
+        the same tensor, and reading a GPU tensor's value synchronises the device."""
+        if sigmas is None:
+            return math.inf
+        last = self.cache.get("sigma")
+        if last is None or last[0] is not sigmas:
+            last = (sigmas, float(sigmas.flatten()[0]))
+            self.cache["sigma"] = last
+        return last[1]
+
     def active(self, sigma: float) -> bool:
         return self.params.sigma_end <= sigma <= self.params.sigma_start
 
@@ -277,7 +288,7 @@ class RegionalAttentionPatch:
         chained = self.previous.get(key) or self.previous.get(key[:2])
         out = chained(q, k, v, extra_options) if chained is not None else self.attention(q, k, v, heads)
         sigmas = extra_options.get("sigmas")
-        sigma = float(sigmas.flatten()[0]) if sigmas is not None else math.inf
+        sigma = self._sigma(sigmas)
         if sigmas is not None and not self.active(sigma):
             return out
         shape = extra_options["original_shape"]

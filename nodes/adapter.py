@@ -5,6 +5,7 @@ import folder_paths
 from comfy_api.latest import io, ui
 
 from ..models.adapter_file import AdapterFamily, AdapterFormatError, detect_and_load, read_state_dict
+from .errors import node_error
 from . import paths, types
 
 CATEGORY = "Troupe/adapters"
@@ -15,10 +16,10 @@ def families() -> list[AdapterFamily]:
     """The adapter families the loader asks, in order (each module exposes ``FAMILY``)."""
     found: list[AdapterFamily] = []
     # each family adds its module here: `from ..models import <module>`; found.append(<module>.FAMILY)
-    from ..models import sdxl_formats
+    from ..models.sdxl import formats as sdxl_formats
 
     found.append(sdxl_formats.FAMILY)
-    from ..models import flux_adapter
+    from ..models.flux import adapter as flux_adapter
 
     found.append(flux_adapter.FAMILY)
     return found
@@ -29,7 +30,7 @@ def load_adapter(name: str):
     try:
         return detect_and_load(read_state_dict(path), families(), filename=name)
     except AdapterFormatError as e:
-        raise ValueError(f"{NODE}: input 'adapter_name' ({name}): {e}") from None
+        raise node_error(NODE, "adapter_name", f"{name}: {e}") from None
 
 
 class TroupeLoadAdapter(io.ComfyNode):

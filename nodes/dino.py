@@ -10,7 +10,8 @@ import comfy.model_patcher
 import torch
 from comfy_api.latest import io, ui
 
-from ..models.dino import DinoEncoder, DinoFeatures, DinoModelError, encode_dino, load_hf_dino
+from ..models.encoding.dino import DinoEncoder, DinoFeatures, DinoModelError, encode_dino, load_hf_dino
+from .errors import node_error
 from . import paths, types
 
 CATEGORY = "Troupe/encoding"
@@ -27,7 +28,7 @@ def comfy_dino_encoder(clip_vision) -> DinoEncoder:
 
     model = getattr(clip_vision, "model", None)
     if not isinstance(model, comfy.image_encoders.dino2.Dinov2Model):
-        raise ValueError(f"{NODE}: input 'clip_vision' is a {type(model).__name__}, not a DINOv2 model; for "
+        raise node_error(NODE, "clip_vision", f"got a {type(model).__name__}, not a DINOv2 model; for "
                          "CLIP/SigLIP use TroupeEncodeSubjects, here load a DINOv2 file with Load CLIP Vision or "
                          "pick a DINO folder in 'dino_model'")
     patch = int(model.embeddings.patch_embeddings.projection.kernel_size[0])
@@ -47,14 +48,14 @@ def hf_dino_encoder(name: str) -> DinoEncoder:
     try:
         folder = paths.hf_folder_path("dino", name)
     except ValueError as e:
-        raise ValueError(f"{NODE}: input 'dino_model': {e}") from None
+        raise node_error(NODE, "dino_model", str(e)) from None
     key = (folder, max(os.path.getmtime(os.path.join(folder, f)) for f in os.listdir(folder)))
     if key not in _HF_CACHE:
         _HF_CACHE.clear()
         try:
             encoder = load_hf_dino(folder)
         except DinoModelError as e:
-            raise ValueError(f"{NODE}: input 'dino_model': {e}") from None
+            raise node_error(NODE, "dino_model", str(e)) from None
         load_device = comfy.model_management.text_encoder_device()
         patcher = comfy.model_patcher.ModelPatcher(encoder.model, load_device=load_device,
                                                    offload_device=comfy.model_management.text_encoder_offload_device())
@@ -70,10 +71,10 @@ def dino_source(clip_vision, dino_model: str) -> DinoEncoder:
     """Exactly one source: ComfyUI's DINOv2 (clip_vision) or a HF folder (dino_model)."""
     folder = dino_model not in (None, "", NONE)
     if clip_vision is not None and folder:
-        raise ValueError(f"{NODE}: both 'clip_vision' and 'dino_model' ({dino_model}) are given; keep one: "
+        raise node_error(NODE, None, f"both 'clip_vision' and 'dino_model' ({dino_model}) are given; keep one: "
                          "disconnect clip_vision or set dino_model to 'none'")
     if clip_vision is None and not folder:
-        raise ValueError(f"{NODE}: no DINO model: connect a DINOv2 from Load CLIP Vision to 'clip_vision' or pick "
+        raise node_error(NODE, None, f"no DINO model: connect a DINOv2 from Load CLIP Vision to 'clip_vision' or pick "
                          "a DINOv2/DINOv3 folder (HF transformers, config.json + weights) from models/dino in "
                          "'dino_model'")
     return comfy_dino_encoder(clip_vision) if clip_vision is not None else hf_dino_encoder(dino_model)
@@ -88,7 +89,7 @@ def encode_subjects_dino(subjects, clip_vision=None, dino_model: str = NONE, res
     try:
         return encode_dino(encoder, images, masks, [s.label for s in subjects], image=image, resolution=resolution)
     except ValueError as e:
-        raise ValueError(f"{NODE}: {e}") from None
+        raise node_error(NODE, None, str(e)) from None
 
 
 # --------------------------------------------------------------------------- node

@@ -9,10 +9,11 @@ import folder_paths
 import torch
 from comfy_api.latest import io, ui
 
-from ..models.clip_features import check_layers, default_layers, record_layers, stack_levels, subject_batch
-from ..models.hmoe import FusionCheckpointError, HMoE, hmoe_from_state_dict
-from ..models.reference_features import ClipFeatures, fuse, override_weights
-from ..models.weights_chart import draw_fusion_weights
+from ..models.encoding.clip_features import check_layers, default_layers, record_layers, stack_levels, subject_batch
+from ..models.encoding.hmoe import FusionCheckpointError, HMoE, hmoe_from_state_dict
+from ..models.encoding.reference_features import ClipFeatures, fuse, override_weights
+from ..models.encoding.weights_chart import draw_fusion_weights
+from .errors import node_error
 from . import paths, types
 
 CATEGORY = "Troupe/encoding"
@@ -45,10 +46,10 @@ def parse_layers(text: str, depth: int) -> tuple[int, int, int]:
     try:
         layers = tuple(int(x) for x in text.replace(" ", "").split(","))
     except ValueError:
-        raise ValueError(f"TroupeEncodeSubjects: input 'layers': expected 'auto' or three numbers like '10,17,24', "
+        raise node_error("TroupeEncodeSubjects", "layers", f"expected 'auto' or three numbers like '10,17,24', "
                          f"got {text!r}") from None
     if len(layers) != 3:
-        raise ValueError(f"TroupeEncodeSubjects: input 'layers': expected three layers (low, mid, high), got {layers}")
+        raise node_error("TroupeEncodeSubjects", "layers", f"expected three layers (low, mid, high), got {layers}")
     return check_layers(layers, depth, where="TroupeEncodeSubjects: input 'layers'")
 
 
@@ -87,7 +88,7 @@ def encode_subjects(clip_vision, subjects, layers: str = "auto", fusion: HMoE | 
                             uncond_image_embeds=None if embeds is None else embeds[n:].to(dev))
     if fusion is not None:
         if fusion.config.in_dim != features.width:
-            raise ValueError(f"TroupeEncodeSubjects: input 'fusion' was trained for encoder width "
+            raise node_error("TroupeEncodeSubjects", "fusion", f"the file was trained for encoder width "
                              f"{fusion.config.in_dim} but this CLIP vision model has width {features.width}; "
                              "load the fusion file that matches the encoder")
         features = fuse(features, fusion)
@@ -101,7 +102,7 @@ def load_fusion(name: str) -> HMoE:
     try:
         return hmoe_from_state_dict(sd)
     except FusionCheckpointError as e:
-        raise ValueError(f"TroupeLoadFusion: input 'fusion_name' ({name}): {e}") from None
+        raise node_error("TroupeLoadFusion", "fusion_name", f"{name}: {e}") from None
 
 
 def weights_table(features: ClipFeatures) -> str:
@@ -196,7 +197,7 @@ class TroupeGranularity(io.ComfyNode):
         try:
             out = override_weights(features, [w_low, w_mid, w_high], subject)
         except ValueError as e:
-            raise ValueError(f"TroupeGranularity: {e}") from None
+            raise node_error("TroupeGranularity", None, str(e)) from None
         text = weights_table(out)
         return io.NodeOutput(out, json.dumps(out.routed.tolist()), ui=ui.PreviewText(text))
 

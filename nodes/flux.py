@@ -8,13 +8,14 @@ import torch
 from comfy_api.latest import io
 
 from ..models.adapter_file import Adapter
-from ..models.flux_adapter import INSTANTX, XLABS
-from ..models.flux_patch import (
+from ..models.flux.adapter import INSTANTX, XLABS
+from ..models.flux.patch import (
     DDS_MODES, IMAGE_ONLY, BlockPatch, FluxInjection, GeometryWrapper, InjectionParams, ReleaseWrapper,
     check_model_fits,
 )
-from ..models.layout import Layout
-from ..models.reference_features import ClipFeatures
+from ..models.layout.layout import Layout
+from ..models.encoding.reference_features import ClipFeatures
+from .errors import error_text, node_error
 from . import types
 
 CATEGORY = "Troupe/flux"
@@ -32,9 +33,6 @@ class ApplySettings:
     branches: str = IMAGE_ONLY
 
 
-def _err(name: str, text: str) -> ValueError:
-    return ValueError(f"{NODE}: input '{name}': {text}")
-
 
 def adapter_inputs(adapter: Adapter, features: ClipFeatures) -> torch.Tensor:
     """What the adapter's image projection reads: encoder tokens [N, G, E] (ours) or pooled [N, P] (InstantX).
@@ -47,19 +45,19 @@ def adapter_inputs(adapter: Adapter, features: ClipFeatures) -> torch.Tensor:
         name, encoder = ("InstantX", "SigLIP so400m 384") if adapter.format == INSTANTX else ("XLabs", "CLIP ViT-L/14")
         pooled = features.image_embeds
         if pooled is None:
-            raise _err("features", f"the {name} adapter needs the encoder's pooled output (width {want}, {encoder}), "
+            raise node_error(NODE, "features", f"the {name} adapter needs the encoder's pooled output (width {want}, {encoder}), "
                                    f"but these features have none; encode with the {encoder} vision model")
         if pooled.ndim == 3:
             pooled = pooled.mean(1)
         if pooled.shape[-1] != want:
-            raise _err("features", f"the {name} adapter reads pooled embeddings of width {want} ({encoder}), these "
+            raise node_error(NODE, "features", f"the {name} adapter reads pooled embeddings of width {want} ({encoder}), these "
                                    f"have width {pooled.shape[-1]} ({features.encoder}); encode the subjects with "
                                    "the vision model the adapter was trained with")
         return pooled
     tokens = features.tokens()
     if tokens.shape[-1] != want:
         source = "fused HMoE tokens" if features.fused is not None else f"layer {features.layers[-1]} tokens"
-        raise _err("features", f"the adapter reads tokens of width {want} but these {source} have width "
+        raise node_error(NODE, "features", f"the adapter reads tokens of width {want} but these {source} have width "
                                f"{tokens.shape[-1]} ({features.encoder}); use the CLIP vision model and fusion "
                                "weights the adapter was trained with")
     return tokens
@@ -70,29 +68,29 @@ def apply_flux(model, adapter: Adapter, features: ClipFeatures, settings: ApplyS
     """A clone of ``model`` whose double and single blocks run DDS + Eq. 9 of 004 for every subject."""
     if not isinstance(adapter, Adapter) or adapter.family != "flux":
         fam = getattr(adapter, "family", type(adapter).__name__)
-        raise _err("adapter", f"expected a FLUX adapter from TroupeLoadAdapter, got a {fam} one; load a FLUX "
+        raise node_error(NODE, "adapter", f"expected a FLUX adapter from TroupeLoadAdapter, got a {fam} one; load a FLUX "
                               "adapter file (troupe-flux, InstantX or XLabs FLUX IP-Adapter)")
     if settings.branches not in DDS_MODES:
-        raise _err("branches", f"expected one of {', '.join(DDS_MODES)}, got {settings.branches!r}")
+        raise node_error(NODE, "branches", f"expected one of {', '.join(DDS_MODES)}, got {settings.branches!r}")
     if not 0.0 <= settings.start_percent <= settings.end_percent <= 1.0:
-        raise _err("start_percent", f"need 0 <= start_percent <= end_percent <= 1, got {settings.start_percent} and "
+        raise node_error(NODE, "start_percent", f"need 0 <= start_percent <= end_percent <= 1, got {settings.start_percent} and "
                                     f"{settings.end_percent}")
     n = features.num_subjects
     weights: tuple[float, ...] = (1.0,) * n
     if subjects is not None:
         if len(subjects) != n:
-            raise _err("subjects", f"{len(subjects)} subjects but the features hold {n}; connect the same subject "
+            raise node_error(NODE, "subjects", f"{len(subjects)} subjects but the features hold {n}; connect the same subject "
                                    "list that was encoded")
         weights = tuple(float(s.weight) for s in subjects)
     if layout is not None and len(layout) != n:
-        raise _err("layout", f"the layout has {len(layout)} regions but there are {n} subjects; draw one box per "
+        raise node_error(NODE, "layout", f"the layout has {len(layout)} regions but there are {n} subjects; draw one box per "
                              "subject (region i = subject i)")
     clone = model.clone()
     diffusion_model = clone.get_model_object("diffusion_model")
     try:
         nd, ns = check_model_fits(adapter.module, diffusion_model)
     except ValueError as e:
-        raise _err("model", str(e)) from None
+        raise node_error(NODE, "model", str(e)) from None
     inputs = adapter_inputs(adapter, features)
     sampling = clone.get_model_object("model_sampling")
     params = InjectionParams(weight=settings.weight, subject_weights=weights,
@@ -161,7 +159,7 @@ class TroupeApplyFLUX(io.ComfyNode):
         """At queue time: 0.3.75 does not check V3 combo values itself."""
         if branches in DDS_MODES:
             return True
-        return f"{NODE}: input 'branches': expected one of {', '.join(DDS_MODES)}, got {branches!r}"
+        return error_text(NODE, "branches", f"expected one of {', '.join(DDS_MODES)}, got {branches!r}")
 
     @classmethod
     def execute(cls, model, adapter, features, weight: float, start_percent: float, end_percent: float,

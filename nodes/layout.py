@@ -3,19 +3,16 @@ from __future__ import annotations
 
 from comfy_api.latest import io, ui
 
-from ..models.layout import (
+from ..models.layout.layout import (
     EDGE_MODES, OVERLAP_POLICIES, Layout, LayoutError, layout_from_json, layout_from_masks, parse_layout_json,
 )
-from ..models.preview import draw_layout, draw_masks
+from ..models.layout.preview import draw_layout, draw_masks
+from .errors import error_text, node_error
 from . import types
 
 EMPTY_LAYOUT = '{"version": 1, "boxes": []}'
 CATEGORY = "Troupe/layout"
 
-
-def node_error(node: str, message: str) -> ValueError:
-    """A ValueError naming the node, for errors raised while a node runs."""
-    return ValueError(f"{node}: {message}")
 
 
 def build_layout(width: int, height: int, boxes: str, subjects=None) -> Layout:
@@ -67,7 +64,7 @@ class TroupeLayout(io.ComfyNode):
         try:
             parse_layout_json(boxes)
         except LayoutError as e:
-            return f"TroupeLayout: {e}"
+            return error_text("TroupeLayout", None, str(e))
         return True
 
     @classmethod
@@ -75,7 +72,7 @@ class TroupeLayout(io.ComfyNode):
         try:
             return io.NodeOutput(build_layout(width, height, boxes, subjects))
         except LayoutError as e:
-            raise node_error("TroupeLayout", f"input 'boxes': {e}") from None
+            raise node_error("TroupeLayout", "boxes", str(e)) from None
 
 
 class TroupeLayoutFromMasks(io.ComfyNode):
@@ -102,7 +99,7 @@ class TroupeLayoutFromMasks(io.ComfyNode):
         try:
             return io.NodeOutput(layout_from_masks(masks, width or None, height or None))
         except LayoutError as e:
-            raise node_error("TroupeLayoutFromMasks", f"input 'masks': {e}") from None
+            raise node_error("TroupeLayoutFromMasks", "masks", str(e)) from None
 
 
 class TroupeLayoutToMasks(io.ComfyNode):

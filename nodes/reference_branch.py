@@ -10,14 +10,15 @@ import torch.nn.functional as F
 from comfy_api.latest import io, ui
 
 from ..models.adapter_file import AdapterFormatError, read_state_dict
-from ..models.dem import Alignment, load_dem
-from ..models.flux_reference import (
+from ..models.reference.dem import Alignment, load_dem
+from ..models.reference.branch import (
     REFERENCE_ATTENTION, LabelNotFound, ReferenceBranch, ReferenceOptions, allowed_matrix, label_positions,
     prepare_reference_image,
 )
-from ..models.flux_reference_blocks import find_branch, install
-from ..models.layout import PALETTE
-from ..models.reference_lora import FluxDims, load_reference_lora
+from ..models.reference.blocks import find_branch, install
+from ..models.layout.layout import PALETTE
+from ..models.reference.lora import FluxDims, load_reference_lora
+from .errors import error_text, node_error
 from . import paths, types
 
 CATEGORY = "Troupe/flux"
@@ -39,15 +40,12 @@ class BranchInputs:
     dem_name: str = NONE
 
 
-def _err(name: str, msg: str) -> ValueError:
-    return ValueError(f"{NODE}: input '{name}': {msg}")
-
 
 def flux_dit(model):
     """The ComfyUI FLUX diffusion model inside a MODEL, or a clear error."""
     dit = getattr(getattr(model, "model", None), "diffusion_model", None)
     if dit is None or not hasattr(dit, "double_blocks") or not hasattr(dit, "single_blocks"):
-        raise _err("model", "expected a FLUX model (double and single stream blocks); load FLUX.1 dev/schnell")
+        raise node_error(NODE, "model", "expected a FLUX model (double and single stream blocks); load FLUX.1 dev/schnell")
     return dit
 
 
@@ -56,7 +54,7 @@ def t5_tokenizer(clip=None):
     if clip is not None:
         tok = getattr(getattr(clip, "tokenizer", None), "t5xxl", None)
         if tok is None:
-            raise _err("clip", "this CLIP has no T5-XXL tokenizer; connect the FLUX DualCLIPLoader output or leave "
+            raise node_error(NODE, "clip", "this CLIP has no T5-XXL tokenizer; connect the FLUX DualCLIPLoader output or leave "
                                "it empty (the node then uses ComfyUI's T5 tokenizer files)")
         return tok
     from comfy.text_encoders.flux import T5XXLTokenizer
@@ -68,7 +66,7 @@ def find_labels(tokenizer, prompt: str, labels: list[str]) -> tuple[list[list[in
     try:
         return label_positions(tokenizer, prompt, labels)
     except LabelNotFound as e:
-        raise _err("prompt", f"{e}; write the label in the prompt (e.g. 'a photo of a corgi') or change the "
+        raise node_error(NODE, "prompt", f"{e}; write the label in the prompt (e.g. 'a photo of a corgi') or change the "
                              "subject's label") from None
 
 
@@ -92,7 +90,7 @@ def read_lora(name: str, dit):
     try:
         return load_reference_lora(read_state_dict(path), FluxDims.from_model(dit))
     except AdapterFormatError as e:
-        raise _err("lora_name", f"{name}: {e}") from None
+        raise node_error(NODE, "lora_name", f"{name}: {e}") from None
 
 
 def read_dem(name: str, label_pos: list[list[int]], n_t5: int) -> Alignment:
@@ -106,7 +104,7 @@ def read_dem(name: str, label_pos: list[list[int]], n_t5: int) -> Alignment:
     try:
         dem = load_dem(read_state_dict(path), metadata)
     except AdapterFormatError as e:
-        raise _err("dem_name", f"{name}: {e}") from None
+        raise node_error(NODE, "dem_name", f"{name}: {e}") from None
     return Alignment(dem, label_pos, n_t5)
 
 
@@ -114,13 +112,13 @@ def reference_branch(model, vae, subjects, inputs: BranchInputs, layout=None, cl
     """Patched clone of a FLUX model with the subjects' reference stream; returns (model, report)."""
     dit = flux_dit(model)
     if not subjects:
-        raise _err("subjects", "connect at least one subject (TroupeSubject -> TroupeSubjectList)")
+        raise node_error(NODE, "subjects", "connect at least one subject (TroupeSubject -> TroupeSubjectList)")
     opts = inputs.options
     if opts.region and (layout is None or len(layout) < len(subjects)):
-        raise _err("layout", f"'region' needs a layout with one region per subject ({len(subjects)}); connect a "
+        raise node_error(NODE, "layout", f"'region' needs a layout with one region per subject ({len(subjects)}); connect a "
                              "TroupeLayout or switch 'region' off")
     if getattr(vae, "latent_channels", dit.params.in_channels) != dit.params.in_channels:
-        raise _err("vae", f"the VAE makes {vae.latent_channels}-channel latents, the model takes "
+        raise node_error(NODE, "vae", f"the VAE makes {vae.latent_channels}-channel latents, the model takes "
                           f"{dit.params.in_channels}; use the FLUX VAE (ae.safetensors)")
     tokenizer = t5_tokenizer(clip)
     positions, n_t5 = find_labels(tokenizer, inputs.prompt, [s.label for s in subjects])
@@ -159,7 +157,7 @@ def mask_preview(model, width: int, height: int, size: int = 768) -> torch.Tenso
     grid = ((height // 8 + 1) // 2, (width // 8 + 1) // 2)
     positions = branch.concept_positions
     if branch.dem is not None:
-        from ..models.dem import insert_positions
+        from ..models.reference.dem import insert_positions
 
         positions = insert_positions(branch.dem.label_positions)[1]
     spec = branch.mask_spec(branch.n_txt_hint, grid[0] * grid[1], grid, positions)
@@ -252,7 +250,7 @@ class TroupeReferenceBranch(io.ComfyNode):
                 return (f"{NODE}: input '{name}': no file '{value}' in models/troupe; put it there and refresh (R), "
                         "or pick 'none'")
         if reference_attention not in REFERENCE_ATTENTION:
-            return f"{NODE}: input 'reference_attention': expected one of {REFERENCE_ATTENTION}, got {reference_attention!r}"
+            return error_text(NODE, "reference_attention", f"expected one of {REFERENCE_ATTENTION}, got {reference_attention!r}")
         return True
 
     @classmethod

@@ -7,21 +7,19 @@ import comfy.patcher_extension
 import torch
 from comfy_api.latest import io
 
-from ..models.layout import Layout
-from ..models.reference_features import ClipFeatures
-from ..models.sdxl_patch import (
+from ..models.layout.layout import Layout
+from ..models.encoding.reference_features import ClipFeatures
+from ..models.sdxl.patch import (
     BLOCK_CHOICES, ROUTING_MODES, LayerKey, RegionalAttentionPatch, RegionalParams, check_widths, layer_keys_for,
     route_gates,
 )
+from .errors import error_text, node_error
 from . import types
 
 CATEGORY = "Troupe/adapters"
 NODE = "TroupeApplySDXL"
 WRAPPER_KEY = "troupe_sdxl_regional"
 
-
-def fail(name: str, message: str) -> ValueError:
-    return ValueError(f"{NODE}: input '{name}': {message}")
 
 
 # --------------------------------------------------------------------------- inputs
@@ -31,7 +29,7 @@ def phrase_embeddings(clip, labels: tuple[str, ...]) -> torch.Tensor:
     """CLIP-L's unprojected pooled output of each label [N, width] (MS-Diffusion's phrase embedding)."""
     clip_l = getattr(clip.cond_stage_model, "clip_l", None)
     if clip_l is None:
-        raise fail("clip", "this CLIP has no CLIP-L text encoder (clip_l); connect the SDXL checkpoint's CLIP")
+        raise node_error(NODE, "clip", "this CLIP has no CLIP-L text encoder (clip_l); connect the SDXL checkpoint's CLIP")
     clip.load_model()
     out = []
     try:
@@ -53,18 +51,18 @@ def image_features(module, features: ClipFeatures) -> torch.Tensor:
         try:
             x = features.layer(-2)
         except ValueError as e:
-            raise fail("features", f"this adapter reads the penultimate CLIP vision layer: {e}") from None
+            raise node_error(NODE, "features", f"this adapter reads the penultimate CLIP vision layer: {e}") from None
         width = x.shape[-1]
     elif module.image_input == "image_embeds":
         x = features.image_embeds
         if x is None:
-            raise fail("features", "this adapter takes the projected image embeds, but the CLIP vision model has no "
+            raise node_error(NODE, "features", "this adapter takes the projected image embeds, but the CLIP vision model has no "
                                    "projection; load the CLIP vision file the adapter was trained with")
         width = x.shape[-1]
     else:
-        raise fail("adapter", f"unknown image input {module.image_input!r}")
+        raise node_error(NODE, "adapter", f"unknown image input {module.image_input!r}")
     if width != module.image_width:
-        raise fail("features", f"the adapter expects CLIP vision features of width {module.image_width} but got "
+        raise node_error(NODE, "features", f"the adapter expects CLIP vision features of width {module.image_width} but got "
                                f"{width} ({features.encoder}); encode with the CLIP vision model the adapter was "
                                "trained with (MS-Diffusion: ViT-bigG, IP-Adapter plus/base: ViT-H)")
     return x.float()
@@ -95,32 +93,32 @@ def apply_sdxl(model, adapter, features: ClipFeatures, layout: Layout, params: R
     import comfy.ldm.modules.attention as comfy_attention
 
     if getattr(adapter, "family", None) != "sdxl":
-        raise fail("adapter", f"expected an SDXL adapter, got a {getattr(adapter, 'family', type(adapter).__name__)}"
+        raise node_error(NODE, "adapter", f"expected an SDXL adapter, got a {getattr(adapter, 'family', type(adapter).__name__)}"
                               " one; load an MS-Diffusion, R^3 or IP-Adapter SDXL file with TroupeLoadAdapter")
     module = adapter.module
     n = features.num_subjects
     if n != len(layout):
-        raise fail("layout", f"{len(layout)} regions for {n} encoded subjects; draw one box per subject")
+        raise node_error(NODE, "layout", f"{len(layout)} regions for {n} encoded subjects; draw one box per subject")
     if params.subject_weights and len(params.subject_weights) != n:
-        raise fail("subjects", f"{len(params.subject_weights)} subjects connected but {n} were encoded; connect the "
+        raise node_error(NODE, "subjects", f"{len(params.subject_weights)} subjects connected but {n} were encoded; connect the "
                                "same subject list as TroupeEncodeSubjects")
     keys = layer_keys_for(module, params.blocks)
     if not keys:
-        raise fail("blocks", f"the adapter has no layers in '{params.blocks}'; pick 'all'")
+        raise node_error(NODE, "blocks", f"the adapter has no layers in '{params.blocks}'; pick 'all'")
     try:
         check_widths(module, attention_widths(model), keys)
     except ValueError as e:
-        raise fail("model", str(e)) from None
+        raise node_error(NODE, "model", str(e)) from None
     if params.routing == "manual" or (params.refine and module.num_levels > 1):
         try:  # a malformed manual schedule or a file without router weights fails here, not mid-sampling
             route_gates(module, 0.5, params)
         except ValueError as e:
-            raise fail("schedule" if params.routing == "manual" else "routing", str(e)) from None
+            raise node_error(NODE, "schedule" if params.routing == "manual" else "routing", str(e)) from None
     feats = image_features(module, features)
     phrases = None
     if module.needs_phrases:
         if clip is None:
-            raise fail("clip", "this adapter grounds each subject with its label's CLIP-L embedding; connect the "
+            raise node_error(NODE, "clip", "this adapter grounds each subject with its label's CLIP-L embedding; connect the "
                                "checkpoint's CLIP")
         phrases = phrase_embeddings(clip, features.labels)
     ref = next(module.parameters())
@@ -218,18 +216,18 @@ class TroupeApplySDXL(io.ComfyNode):
     def validate_inputs(cls, blocks: str = "down+mid", routing: str = "learned", **kw) -> bool | str:
         """At queue time: 0.3.75 does not check V3 combo values itself."""
         if blocks not in BLOCK_CHOICES:
-            return f"{NODE}: input 'blocks': expected one of {', '.join(BLOCK_CHOICES)}, got {blocks!r}"
+            return error_text(NODE, "blocks", f"expected one of {', '.join(BLOCK_CHOICES)}, got {blocks!r}")
         if routing not in ROUTING_MODES:
-            return f"{NODE}: input 'routing': expected one of {', '.join(ROUTING_MODES)}, got {routing!r}"
+            return error_text(NODE, "routing", f"expected one of {', '.join(ROUTING_MODES)}, got {routing!r}")
         return True
 
     @classmethod
     def execute(cls, model, adapter, features, layout, weight: float, start_percent: float, end_percent: float,
                 blocks: str, routing: str, schedule: str, refine: bool, clip=None, subjects=None) -> io.NodeOutput:
         if start_percent > end_percent:
-            raise fail("end_percent", f"end ({end_percent}) is before start ({start_percent}); set end >= start")
+            raise node_error(NODE, "end_percent", f"end ({end_percent}) is before start ({start_percent}); set end >= start")
         if routing == "manual" and not schedule.strip():
-            raise fail("schedule", "routing is 'manual' but the schedule is empty; write one or pick 'learned'")
+            raise node_error(NODE, "schedule", "routing is 'manual' but the schedule is empty; write one or pick 'learned'")
         params = RegionalParams(weight=weight, subject_weights=tuple(s.weight for s in subjects or ()),
                                 blocks=blocks, routing=routing, schedule=schedule.strip() or None, refine=bool(refine))
         return io.NodeOutput(apply_sdxl(model, adapter, features, layout, params, clip, start_percent, end_percent))

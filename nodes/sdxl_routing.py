@@ -5,8 +5,9 @@ import comfy.samplers
 import torch
 from comfy_api.latest import io, ui
 
-from ..models.routing_chart import draw_routing, weights_table
-from ..models.sdxl_router import MODES, SCHEDULE_HELP, TimestepRouter, route, router_time
+from ..models.sdxl.routing_chart import draw_routing, weights_table
+from ..models.sdxl.router import MODES, SCHEDULE_HELP, TimestepRouter, route, router_time
+from .errors import error_text, node_error
 from . import types
 
 NODE = "TroupeRoutingPreview"
@@ -30,20 +31,20 @@ def routing_over_steps(model, sampler_name: str, scheduler: str, steps: int, den
     module = None
     if adapter is not None:
         if adapter.family != "sdxl":
-            raise ValueError(f"{NODE}: input 'adapter' is a {adapter.family.upper()} adapter ({adapter.format}); "
+            raise node_error(NODE, "adapter", f"got a {adapter.family.upper()} adapter ({adapter.format}); "
                              "connect an SDXL adapter from TroupeLoadAdapter, or leave it empty")
         module = adapter.module
     levels = module.levels(refine) if module is not None else (4 if refine else 1)
     router = module.router if module is not None else TimestepRouter(4)
     sigmas = step_sigmas(model, sampler_name, scheduler, steps, denoise)
     if not len(sigmas):
-        raise ValueError(f"{NODE}: input 'denoise' is 0, so there are no steps to plot; raise it above 0")
+        raise node_error(NODE, "denoise", f"is 0, so there are no steps to plot; raise it above 0")
     times = router_time(model.get_model_object("model_sampling"), sigmas).flatten()
     try:
         weights = torch.stack([route(float(t), levels, mode, router, schedule) for t in times])
     except ValueError as e:
         where = "schedule" if mode == "manual" else "mode"
-        raise ValueError(f"{NODE}: input '{where}': {e}") from None
+        raise node_error(NODE, None, f"input '{where}': {e}") from None
     return weights, times
 
 
@@ -93,7 +94,7 @@ class TroupeRoutingPreview(io.ComfyNode):
                                      ("mode", mode, MODES)):
             if value not in options:
                 choices = ", ".join(options) if len(options) <= 8 else f"the {len(options)} listed in the node"
-                return f"{NODE}: input '{name}': unknown value {value!r}; pick one of {choices}"
+                return error_text(NODE, name, f"unknown value {value!r}; pick one of {choices}")
         return True
 
     @classmethod

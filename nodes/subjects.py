@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..models.subject import MAX_SUBJECTS, Subject, SubjectError, subject_list
+from ..models.layout.subject import MAX_SUBJECTS, Subject, SubjectError, subject_list
+from .errors import node_error
 from . import types
 
 CATEGORY = "Troupe/subjects"
@@ -36,7 +37,7 @@ class TroupeSubject(io.ComfyNode):
         try:
             return io.NodeOutput(Subject(image=image, label=label, mask=mask, weight=weight))
         except SubjectError as e:
-            raise ValueError(f"TroupeSubject: input {e}") from None
+            raise node_error("TroupeSubject", None, f"input {e}") from None
 
 
 class TroupeSubjectList(io.ComfyNode):
@@ -63,4 +64,4 @@ class TroupeSubjectList(io.ComfyNode):
         try:
             return io.NodeOutput(subject_list(ordered))
         except SubjectError as e:
-            raise ValueError(f"TroupeSubjectList: {e}") from None
+            raise node_error("TroupeSubjectList", None, str(e)) from None

@@ -1,18 +1,18 @@
 """The custom socket types every Troupe node shares (documented in the README)."""
 from comfy_api.latest import io
 
-# One subject: reference image(s), optional mask, label (concept word) and weight (models.subject.Subject).
+# One subject: reference image(s), optional mask, label (concept word) and weight (models.layout.subject.Subject).
 Subject = io.Custom("TROUPE_SUBJECT")
 # An ordered tuple of subjects; subject i belongs to layout region i.
 Subjects = io.Custom("TROUPE_SUBJECTS")
-# Canvas size plus one region (box and/or mask) per subject (models.layout.Layout).
+# Canvas size plus one region (box and/or mask) per subject (models.layout.layout.Layout).
 Layout = io.Custom("TROUPE_LAYOUT")
-# HMoE fusion weights (models.hmoe.HMoE), loaded from models/troupe.
+# HMoE fusion weights (models.encoding.hmoe.HMoE), loaded from models/troupe.
 Fusion = io.Custom("TROUPE_FUSION")
 # Per-subject hierarchical CLIP features, with fusion weights and fused tokens when fused
-# (models.reference_features.ClipFeatures).
+# (models.encoding.reference_features.ClipFeatures).
 ClipFeatures = io.Custom("TROUPE_CLIP_FEATURES")
-# Per-subject DINO CLS/register/patch tokens of the subject crops, and of a whole image (models.dino.DinoFeatures).
+# Per-subject DINO CLS/register/patch tokens of the subject crops, and of a whole image (models.encoding.dino.DinoFeatures).
 DinoFeatures = io.Custom("TROUPE_DINO_FEATURES")
 # A loaded adapter file: family ('sdxl' | 'flux'), format found, modules (models.adapter_file.Adapter).
 Adapter = io.Custom("TROUPE_ADAPTER")

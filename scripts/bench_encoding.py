@@ -53,7 +53,7 @@ def timed(fn, repeats: int) -> float:
 
 
 def bench(name: str, cv, counts, repeats: int) -> list[str]:
-    from comfyui_troupe.models.subject import Subject
+    from comfyui_troupe.models.layout.subject import Subject
     from comfyui_troupe.nodes.encoding import encode_subjects
 
     images = photos(max(counts))

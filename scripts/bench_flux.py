@@ -51,7 +51,7 @@ def build_model(double: int, single: int):
 
 def build_adapter(double: int, single: int, encoder_dim: int = 1024):
     from comfyui_troupe.models.adapter_file import Adapter
-    from comfyui_troupe.models.flux_adapter import TROUPE, FluxAdapterConfig, FluxImageAdapter
+    from comfyui_troupe.models.flux.adapter import TROUPE, FluxAdapterConfig, FluxImageAdapter
     from fixtures.tiny_models import init_weights
 
     config = FluxAdapterConfig(format=TROUPE, encoder_dim=encoder_dim, context_dim=3072, hidden_size=3072,
@@ -61,8 +61,8 @@ def build_adapter(double: int, single: int, encoder_dim: int = 1024):
 
 
 def patched_model(base, adapter, n: int, tokens: int, encoder_dim: int):
-    from comfyui_troupe.models.layout import Layout, Region
-    from comfyui_troupe.models.reference_features import ClipFeatures
+    from comfyui_troupe.models.layout.layout import Layout, Region
+    from comfyui_troupe.models.encoding.reference_features import ClipFeatures
     from comfyui_troupe.nodes.flux import ApplySettings, apply_flux
 
     gen = torch.Generator().manual_seed(n)

@@ -70,9 +70,9 @@ def patched_model(base, refs: int, rank: int, attention: str):
     import comfy.ldm.flux.math
     import torch
 
-    from comfyui_troupe.models.flux_reference import ReferenceBranch, ReferenceOptions
-    from comfyui_troupe.models.flux_reference_blocks import install
-    from comfyui_troupe.models.reference_lora import FluxDims, load_reference_lora, mosaic_targets
+    from comfyui_troupe.models.reference.branch import ReferenceBranch, ReferenceOptions
+    from comfyui_troupe.models.reference.blocks import install
+    from comfyui_troupe.models.reference.lora import FluxDims, load_reference_lora, mosaic_targets
 
     dit = base.model.diffusion_model
     g = torch.Generator().manual_seed(1)

@@ -53,8 +53,8 @@ def build_unet():
 
 def build_adapter(widths: dict, levels: int = 4):
     """A full-size R^3 adapter (70 layers of to_k_ip / to_v_ip, router) with random weights."""
-    from comfyui_troupe.models.sdxl_adapter import SdxlAdapter, sdxl_layer_keys
-    from comfyui_troupe.models.sdxl_refiner import RefinerConfig
+    from comfyui_troupe.models.sdxl.adapter import SdxlAdapter, sdxl_layer_keys
+    from comfyui_troupe.models.sdxl.refiner import RefinerConfig
 
     keys = sdxl_layer_keys()
     module = SdxlAdapter("troupe-r3", layer_widths=[widths[k][1] for k in keys], linear=(1280, 16),
@@ -79,8 +79,8 @@ def peer_model(base, adapter, peer_dir: Path, boxes, size: int, sigma_start: flo
     pkg.__path__ = [str(peer_dir)]
     sys.modules["troupe_bench_peer"] = pkg
     cap = importlib.import_module("troupe_bench_peer.CrossAttentionPatch")
-    from comfyui_troupe.models.layout import render_box
-    from comfyui_troupe.models.sdxl_adapter import sdxl_layer_keys
+    from comfyui_troupe.models.layout.layout import render_box
+    from comfyui_troupe.models.sdxl.adapter import sdxl_layer_keys
 
     class PeerAdapter:
         def __init__(self):
@@ -137,8 +137,8 @@ def main() -> int:
     from fixtures.tiny_models import ensure_comfy
 
     ensure_comfy()
-    from comfyui_troupe.models.layout import Layout, Region
-    from comfyui_troupe.models.sdxl_patch import RegionalAttentionPatch, RegionalParams, layer_keys_for, token_grid
+    from comfyui_troupe.models.layout.layout import Layout, Region
+    from comfyui_troupe.models.sdxl.patch import RegionalAttentionPatch, RegionalParams, layer_keys_for, token_grid
     from comfyui_troupe.nodes import sdxl as node
     import comfy.ldm.modules.attention as comfy_attention
 

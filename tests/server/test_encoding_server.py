@@ -109,7 +109,7 @@ def test_wrong_width_fusion_names_both_widths(comfy_server, files):
     with pytest.raises(PromptError) as err:
         comfy_server.run(encoding_prompt(files, fusion=FUSION_WRONG))
     message = json.dumps(err.value.payload["status"]["messages"])
-    assert "TroupeEncodeSubjects: input 'fusion' was trained for encoder width 32 but this CLIP vision model has " \
+    assert "TroupeEncodeSubjects: input 'fusion': the file was trained for encoder width 32 but this CLIP vision model has " \
            "width 64" in message
 
 

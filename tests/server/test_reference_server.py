@@ -28,7 +28,7 @@ def server(comfy_server):
     for name in ("troupe_dog.jpg", "troupe_teapot.jpg"):
         shutil.copy(ROOT / "assets" / name, comfy_server.input_dir / name)
     write_checkpoint(comfy_server.models_dir / "troupe" / "mosaic_tiny_lora.safetensors", mosaic_lora_state_dict())
-    from comfyui_troupe.models.dem import DeviationExtractionModule
+    from comfyui_troupe.models.reference.dem import DeviationExtractionModule
 
     dem = DeviationExtractionModule(dim=4096, redux_dim=4096, heads=2, mlp_ratio=64 / 4096, inner=64)
     write_checkpoint(comfy_server.models_dir / "troupe" / "tiny_dem.safetensors", dem.state_dict(),

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from comfyui_troupe.models.clip_features import (
+from comfyui_troupe.models.encoding.clip_features import (
     check_layers, default_layers, record_layers, stack_levels, subject_batch, subject_crop,
 )
 

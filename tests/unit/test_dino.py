@@ -11,8 +11,8 @@ import torch
 import transformers
 from transformers import DINOv3ViTModel, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
-from comfyui_troupe.models.clip_features import square_resize, subject_crop
-from comfyui_troupe.models.dino import (
+from comfyui_troupe.models.encoding.clip_features import square_resize, subject_crop
+from comfyui_troupe.models.encoding.dino import (
     DinoModelError, encode_dino, image_size, load_hf_dino, normalise, resize, snap_to_patch, split_tokens,
 )
 from fixtures.tiny_models import (
@@ -198,7 +198,7 @@ def test_models_dino_imports_without_transformers():
     code = ("import sys, importlib.util; sys.modules['transformers'] = None; "
             f"spec = importlib.util.spec_from_file_location('troupe', {str(ROOT / '__init__.py')!r}, "
             f"submodule_search_locations=[{str(ROOT)!r}]); m = importlib.util.module_from_spec(spec); "
-            "sys.modules['troupe'] = m; spec.loader.exec_module(m); import troupe.models.dino")
+            "sys.modules['troupe'] = m; spec.loader.exec_module(m); import troupe.models.encoding.dino")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
 
@@ -217,7 +217,7 @@ def comfy_nodes():
 
 def test_comfy_dinov2_tokens_equal_transformers_at_518(comfy_nodes, dinov2):
     """ComfyUI's Dinov2Model (Load CLIP Vision) with the HF folder's weights gives the HF tokens at 518 px."""
-    from comfyui_troupe.models.subject import Subject
+    from comfyui_troupe.models.layout.subject import Subject
 
     cv = tiny_dinov2(layers=LAYERS)  # same seed and weights as the dinov2 folder
     dog = Subject(image=photo(60, 90, 1), label="dog")
@@ -246,7 +246,7 @@ def test_hf_folder_through_the_node_and_its_combo(tmp_path, monkeypatch, comfy_n
     """The dino_model combo is rebuilt with the schema (each /object_info and /prompt) and the folder loads."""
     import folder_paths
 
-    from comfyui_troupe.models.subject import Subject
+    from comfyui_troupe.models.layout.subject import Subject
 
     root = tmp_path / "dino"
     root.mkdir()
@@ -273,7 +273,7 @@ def test_hf_folder_through_the_node_and_its_combo(tmp_path, monkeypatch, comfy_n
 def test_node_errors_name_the_source_to_fix(tmp_path, monkeypatch, comfy_nodes):
     import folder_paths
 
-    from comfyui_troupe.models.subject import Subject
+    from comfyui_troupe.models.layout.subject import Subject
 
     monkeypatch.setitem(folder_paths.folder_names_and_paths, "dino", ([str(tmp_path)], set()))
 
@@ -282,7 +282,7 @@ def test_node_errors_name_the_source_to_fix(tmp_path, monkeypatch, comfy_nodes):
         comfy_nodes.encode_subjects_dino(subjects)
     with pytest.raises(ValueError, match=r"both 'clip_vision' and 'dino_model' \(tiny\) are given; keep one"):
         comfy_nodes.encode_subjects_dino(subjects, clip_vision=tiny_dinov2(layers=1), dino_model="tiny")
-    with pytest.raises(ValueError, match=r"'clip_vision' is a CLIPVisionModelProjection, not a DINOv2 model; "
+    with pytest.raises(ValueError, match=r"input 'clip_vision': got a CLIPVisionModelProjection, not a DINOv2 model; "
                                          r"for CLIP/SigLIP use TroupeEncodeSubjects"):
         comfy_nodes.encode_subjects_dino(subjects, clip_vision=tiny_clip_vision(layers=1))
     with pytest.raises(ValueError, match=r"TroupeEncodeDINO: input 'dino_model': no model folder 'gone'"):
@@ -291,7 +291,7 @@ def test_node_errors_name_the_source_to_fix(tmp_path, monkeypatch, comfy_nodes):
 
 def test_whole_image_batch_must_match_the_subjects(comfy_nodes):
     """One whole image, or one per subject; any other batch names the input and both counts."""
-    from comfyui_troupe.models.subject import Subject
+    from comfyui_troupe.models.layout.subject import Subject
 
     cv = tiny_dinov2(layers=1)
     subjects = (Subject(image=photo(32, 32, 8), label="dog"), Subject(image=photo(32, 40, 9), label="cat"))

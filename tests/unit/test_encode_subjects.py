@@ -37,7 +37,7 @@ def photo(msbench, rel: str) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def subjects(msbench):
-    from comfyui_troupe.models.subject import Subject
+    from comfyui_troupe.models.layout.subject import Subject
 
     dog = photo(msbench, "images/living/dog.jpg")
     cat = photo(msbench, "images/living/cat.jpg")
@@ -51,7 +51,7 @@ def reference_pixels(cv, subjects) -> torch.Tensor:
     """The same white-background square crops, preprocessed the way ComfyUI's encode_image does."""
     import comfy.clip_vision
 
-    from comfyui_troupe.models.clip_features import subject_batch
+    from comfyui_troupe.models.encoding.clip_features import subject_batch
 
     batch = subject_batch([s.image[0] for s in subjects], [None if s.mask is None else s.mask[0] for s in subjects],
                           cv.image_size)
@@ -106,7 +106,7 @@ def test_all_subjects_go_through_one_batched_forward(enc, clip24, subjects):
 
 def test_the_mask_crops_and_blanks_the_background(enc, clip24, subjects):
     """Changing pixels outside the cat's mask changes nothing; changing them inside does."""
-    from comfyui_troupe.models.subject import Subject
+    from comfyui_troupe.models.layout.subject import Subject
 
     dog, cat = subjects
     outside = cat.image.clone()
@@ -122,7 +122,7 @@ def test_the_mask_crops_and_blanks_the_background(enc, clip24, subjects):
 
 
 def test_fusion_runs_once_at_encoding(enc, clip24, subjects):
-    from comfyui_troupe.models.hmoe import HMoE, HMoEConfig
+    from comfyui_troupe.models.encoding.hmoe import HMoE, HMoEConfig
 
     torch.manual_seed(0)
     fusion = HMoE(HMoEConfig(in_dim=WIDTH, out_dim=32, router_hidden=16)).eval()
@@ -136,7 +136,7 @@ def test_fusion_runs_once_at_encoding(enc, clip24, subjects):
 
 
 def test_clear_errors_name_the_node_input_and_fix(enc, clip24, subjects):
-    from comfyui_troupe.models.hmoe import HMoE, HMoEConfig
+    from comfyui_troupe.models.encoding.hmoe import HMoE, HMoEConfig
 
     short = tiny_clip_vision(layers=12)
     with pytest.raises(ValueError, match=r"TroupeEncodeSubjects: input 'layers': layer 17 does not exist; "
@@ -148,7 +148,7 @@ def test_clear_errors_name_the_node_input_and_fix(enc, clip24, subjects):
     with pytest.raises(ValueError, match=r"input 'layers': expected three layers \(low, mid, high\)"):
         enc.encode_subjects(clip24, subjects, "10,24")
     wrong = HMoE(HMoEConfig(in_dim=1024, out_dim=32, router_hidden=16))
-    with pytest.raises(ValueError, match=r"input 'fusion' was trained for encoder width 1024 but this CLIP vision "
+    with pytest.raises(ValueError, match=r"input 'fusion': the file was trained for encoder width 1024 but this CLIP vision "
                                          r"model has width 64"):
         enc.encode_subjects(clip24, subjects, fusion=wrong)
     with pytest.raises(ValueError, match=r"TroupeEncodeSubjects: input 'clip_vision' is not a CLIP/SigLIP vision"):
@@ -159,7 +159,7 @@ def test_fusion_file_loads_from_models_troupe_and_names_bad_keys(enc, tmp_path, 
     import folder_paths
     from safetensors.torch import save_file
 
-    from comfyui_troupe.models.hmoe import HMoE, HMoEConfig, hmoe_metadata
+    from comfyui_troupe.models.encoding.hmoe import HMoE, HMoEConfig, hmoe_metadata
 
     monkeypatch.setitem(folder_paths.folder_names_and_paths, "troupe", ([str(tmp_path)], {".safetensors"}))
     torch.manual_seed(1)
@@ -174,6 +174,6 @@ def test_fusion_file_loads_from_models_troupe_and_names_bad_keys(enc, tmp_path, 
     bad.pop("router.2.bias")
     bad["extra.weight"] = torch.zeros(1)
     save_file(bad, str(tmp_path / "bad.safetensors"))
-    with pytest.raises(ValueError, match=r"TroupeLoadFusion: input 'fusion_name' \(bad.safetensors\): .*"
+    with pytest.raises(ValueError, match=r"TroupeLoadFusion: input 'fusion_name': bad.safetensors: .*"
                                          r"missing keys: router.2.bias \| unexpected keys: extra.weight"):
         enc.TroupeLoadFusion.execute("bad.safetensors")

@@ -14,7 +14,7 @@ from fixtures.tiny_models import ensure_comfy, flux_conditioning, sample, tiny_f
 
 @pytest.fixture(scope="module")
 def fa():
-    from comfyui_troupe.models import flux_adapter
+    from comfyui_troupe.models.flux import adapter as flux_adapter
 
     return flux_adapter
 
@@ -90,7 +90,7 @@ def test_instantx_layout_bin_loads_and_runs(fa, errors, tmp_path):
     torch.testing.assert_close(v, rms((tokens @ wv.T).view(3, 4, 2, 32).transpose(1, 2), 1e-5), atol=1e-4, rtol=1e-4)
 
     ensure_comfy()
-    from comfyui_troupe.models.reference_features import ClipFeatures
+    from comfyui_troupe.models.encoding.reference_features import ClipFeatures
     from comfyui_troupe.nodes.flux import ApplySettings, apply_flux
 
     base = tiny_flux()
@@ -147,8 +147,8 @@ def test_loader_node_knows_the_flux_family(fa):
 def test_token_masks_follow_comfyui_padding():
     """M_i at the token grid: ComfyUI pads odd latents to 2x2 patches, so the grid is ceil(size / 2) and the
     padded pixels do not count in a token's average."""
-    from comfyui_troupe.models.flux_patch import token_grid, token_masks
-    from comfyui_troupe.models.layout import Layout, Region
+    from comfyui_troupe.models.flux.patch import token_grid, token_masks
+    from comfyui_troupe.models.layout.layout import Layout, Region
 
     assert token_grid(9, 7) == (5, 4) and token_grid(128, 128) == (64, 64) and token_grid(1, 1) == (1, 1)
     ensure_comfy()
@@ -166,7 +166,7 @@ def test_token_masks_follow_comfyui_padding():
 
 def test_feature_widths_are_checked_against_the_adapter(fa):
     ensure_comfy()
-    from comfyui_troupe.models.reference_features import ClipFeatures
+    from comfyui_troupe.models.encoding.reference_features import ClipFeatures
     from comfyui_troupe.nodes.flux import adapter_inputs
 
     troupe = fa.load(troupe_flux_state_dict(encoder_dim=32), "troupe-flux")
@@ -191,8 +191,8 @@ def test_feature_widths_are_checked_against_the_adapter(fa):
 
 def test_apply_refuses_models_and_inputs_that_do_not_fit(fa):
     ensure_comfy()
-    from comfyui_troupe.models.layout import Layout, Region
-    from comfyui_troupe.models.reference_features import ClipFeatures
+    from comfyui_troupe.models.layout.layout import Layout, Region
+    from comfyui_troupe.models.encoding.reference_features import ClipFeatures
     from comfyui_troupe.nodes.flux import ApplySettings, apply_flux
     from fixtures.tiny_models import tiny_sdxl
 

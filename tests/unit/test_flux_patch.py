@@ -24,9 +24,10 @@ GRID = (5, 4)
 @pytest.fixture(scope="module")
 def mods():
     ensure_comfy()
-    from comfyui_troupe.models import flux_adapter, flux_patch
-    from comfyui_troupe.models.layout import Layout, Region
-    from comfyui_troupe.models.reference_features import ClipFeatures
+    from comfyui_troupe.models.flux import adapter as flux_adapter
+    from comfyui_troupe.models.flux import patch as flux_patch
+    from comfyui_troupe.models.layout.layout import Layout, Region
+    from comfyui_troupe.models.encoding.reference_features import ClipFeatures
     from comfyui_troupe.nodes import flux
 
     return dict(adapter=flux_adapter, patch=flux_patch, Layout=Layout, Region=Region, ClipFeatures=ClipFeatures,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from comfyui_troupe.models import flux_reference_blocks as fb
+from comfyui_troupe.models.reference import blocks as fb
 from fixtures import tiny_models as tm
 from fixtures.reference_loras import mosaic_lora_state_dict, zero_lora
 
@@ -24,7 +24,7 @@ def comfy():
 
 @pytest.fixture(scope="module")
 def fr(comfy):
-    from comfyui_troupe.models import flux_reference
+    from comfyui_troupe.models.reference import branch as flux_reference
 
     return flux_reference
 
@@ -40,7 +40,7 @@ def dit(model):
 
 
 def lora_for(dit, sd):
-    from comfyui_troupe.models.reference_lora import FluxDims, load_reference_lora
+    from comfyui_troupe.models.reference.lora import FluxDims, load_reference_lora
 
     return load_reference_lora(sd, FluxDims.from_model(dit))
 
@@ -164,7 +164,7 @@ def test_with_references_isolated_by_the_mask_text_and_image_equal_base(fr, comf
 
 def test_lora_touches_only_reference_tokens(fr, comfy, dit, monkeypatch):
     """Every LoRA call sees reference rows (R tokens) or the reference modulation vector (1 row), never text/image."""
-    from comfyui_troupe.models.reference_lora import ReferenceLoRA
+    from comfyui_troupe.models.reference.lora import ReferenceLoRA
 
     lora = lora_for(dit, mosaic_lora_state_dict())
     branch = make_branch(fr, dit, lora=lora)
@@ -380,7 +380,7 @@ def test_an_existing_replace_patch_is_wrapped_not_dropped(fr, comfy, model, dit)
 def test_dem_inserts_updated_s_star_and_drops_redux_tokens_in_the_sampler(fr, comfy, model, dit):
     """With DEM weights the context the blocks see is [T5 tokens with S*' before each label] (Redux tokens
     removed), computed once per run; the selective mask lets S* and the label tokens see their reference."""
-    from comfyui_troupe.models.dem import REDUX_TOKENS, Alignment, DeviationExtractionModule, insert_positions
+    from comfyui_troupe.models.reference.dem import REDUX_TOKENS, Alignment, DeviationExtractionModule, insert_positions
 
     torch.manual_seed(0)
     dem = DeviationExtractionModule(dim=4096, redux_dim=4096, heads=2, mlp_ratio=64 / 4096, inner=64).eval()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from comfyui_troupe.models import flux_reference_blocks as fb
+from comfyui_troupe.models.reference import blocks as fb
 from fixtures import tiny_models as tm
 from fixtures.flux_adapters import troupe_flux_state_dict
 
@@ -17,9 +17,9 @@ def env():
     tm.ensure_comfy()
     import comfy.ldm.flux.math
 
-    from comfyui_troupe.models import flux_adapter
-    from comfyui_troupe.models import flux_reference as fr
-    from comfyui_troupe.models.reference_features import ClipFeatures
+    from comfyui_troupe.models.flux import adapter as flux_adapter
+    from comfyui_troupe.models.reference import branch as fr
+    from comfyui_troupe.models.encoding.reference_features import ClipFeatures
     from comfyui_troupe.nodes import flux
 
     base = tm.tiny_flux()

@@ -16,7 +16,7 @@ PROMPT = "a corgi and a Siamese cat on a chesterfield sofa"
 @pytest.fixture(scope="module")
 def fr():
     tm.ensure_comfy()
-    from comfyui_troupe.models import flux_reference
+    from comfyui_troupe.models.reference import branch as flux_reference
 
     return flux_reference
 
@@ -102,7 +102,7 @@ def test_selective_mask_for_two_multi_token_labels(fr, tokenizer):
 
 
 def test_region_mask_from_a_layout(fr):
-    from comfyui_troupe.models.layout import Layout, Region
+    from comfyui_troupe.models.layout.layout import Layout, Region
 
     layout = Layout(64, 32, (Region(box=(0.0, 0.0, 0.5, 1.0)), Region(box=(0.5, 0.0, 1.0, 0.5))))
     h, w = 2, 4  # image tokens: 2 rows x 4 columns

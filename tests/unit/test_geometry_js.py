@@ -23,7 +23,7 @@ def run_js(body: str):
 
 
 def test_palette_and_limits_match_python():
-    from comfyui_troupe.models.layout import MAX_REGIONS, PALETTE
+    from comfyui_troupe.models.layout.layout import MAX_REGIONS, PALETTE
 
     out = run_js("out = [G.PALETTE, G.MAX_BOXES];")
     assert out == [list(PALETTE), MAX_REGIONS]

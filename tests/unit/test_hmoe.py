@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from comfyui_troupe.models.hmoe import (
+from comfyui_troupe.models.encoding.hmoe import (
     HMoE, FusionCheckpointError, HMoEConfig, hmoe_from_state_dict, hmoe_metadata, normalise_weights,
 )
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from comfyui_troupe.models.layout import (
+from comfyui_troupe.models.layout.layout import (
     Layout, LayoutError, Region, dump_layout_json, layout_from_json, layout_from_masks, mask_bbox,
     parse_layout_json, render_box,
 )

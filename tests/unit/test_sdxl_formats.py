@@ -7,9 +7,9 @@ import torch
 from safetensors import safe_open
 
 from comfyui_troupe.models.adapter_file import AdapterFormatError, detect_and_load, read_state_dict
-from comfyui_troupe.models.reference_features import ClipFeatures
-from comfyui_troupe.models.sdxl_adapter import FAMILY, SdxlAdapter
-from comfyui_troupe.models.sdxl_formats import detect, file_state_dict, save_sdxl_adapter
+from comfyui_troupe.models.encoding.reference_features import ClipFeatures
+from comfyui_troupe.models.sdxl.adapter import FAMILY, SdxlAdapter
+from comfyui_troupe.models.sdxl.formats import detect, file_state_dict, save_sdxl_adapter
 from fixtures.sdxl_adapters import (
     TINY_WIDTHS, full_sdxl_widths, ip_adapter_plus_state_dict, ip_adapter_sdxl_state_dict, ms_diffusion_state_dict,
     r3_adapter, r3_state_dict, write_adapter,
@@ -297,8 +297,8 @@ def test_fp16_files_compute_tokens_in_float32(tmp_path):
 
 def test_full_size_r3_layout_loads():
     """A full-size R^3 file (meta tensors; its size buffers real): 16 tokens x 4 levels of width 2048, 70 layers."""
-    from comfyui_troupe.models.sdxl_refiner import RefinerConfig
-    from comfyui_troupe.models.sdxl_resampler import ResamplerConfig
+    from comfyui_troupe.models.sdxl.refiner import RefinerConfig
+    from comfyui_troupe.models.sdxl.resampler import ResamplerConfig
 
     m = SdxlAdapter("troupe-r3", layer_widths=full_sdxl_widths(), resampler=ResamplerConfig(),
                     refiner=RefinerConfig(), device="meta")

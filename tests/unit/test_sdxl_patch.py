@@ -11,8 +11,8 @@ import math
 import pytest
 import torch
 
-from comfyui_troupe.models.layout import Layout, Region
-from comfyui_troupe.models.sdxl_patch import (
+from comfyui_troupe.models.layout.layout import Layout, Region
+from comfyui_troupe.models.sdxl.patch import (
     RegionalAttentionPatch, RegionalParams, block_selected, joint_groups, sdpa_attention, token_grid,
 )
 
@@ -310,7 +310,7 @@ def test_cache_is_built_once_and_cleared():
 
 
 def _features(n: int, width: int = 16, seed: int = 5):
-    from comfyui_troupe.models.reference_features import ClipFeatures
+    from comfyui_troupe.models.encoding.reference_features import ClipFeatures
 
     gen = torch.Generator().manual_seed(seed)
     return ClipFeatures(hidden=torch.randn(n, 3, 5, width, generator=gen), layers=(10, 17, 23), encoder="stand-in",
@@ -509,7 +509,7 @@ def test_real_r3_file_gates_at_several_sigmas(unet, routing, schedule):
     """An R^3 file (published MS-Diffusion keys + refiner + router) loaded by the family, applied to the tiny UNet:
     at several sigmas the patch's gates are the router's w(t) at t = timestep(sigma) / 1000 (Eqs. 5-6 of 000)."""
     from comfyui_troupe.models.adapter_file import detect_and_load
-    from comfyui_troupe.models.sdxl_adapter import FAMILY
+    from comfyui_troupe.models.sdxl.adapter import FAMILY
     from fixtures.sdxl_adapters import r3_state_dict
 
     node, base, _, cond = unet

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from comfyui_troupe.models.sdxl_refiner import (
+from comfyui_troupe.models.sdxl.refiner import (
     INIT_SCALE, LevelAttention, ProgressiveRefiner, RefinerConfig, topk_mask, window_mask,
 )
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from comfyui_troupe.models.sdxl_router import (
+from comfyui_troupe.models.sdxl.router import (
     CENTRES, TAU, TimestepRouter, gate_tokens, initial_anchor_logits, parse_schedule, route, router_time,
 )
 
@@ -161,9 +161,9 @@ def test_preview_gates_follow_the_samplers_steps(preview):
 
 def test_preview_modes_adapter_and_chart(preview):
     from comfyui_troupe.models.adapter_file import Adapter, detect_and_load
-    from comfyui_troupe.models.routing_chart import LEVEL_COLOURS, point, y_top
-    from comfyui_troupe.models.preview import hex_rgb
-    from comfyui_troupe.models.sdxl_adapter import FAMILY
+    from comfyui_troupe.models.sdxl.routing_chart import LEVEL_COLOURS, point, y_top
+    from comfyui_troupe.models.layout.preview import hex_rgb
+    from comfyui_troupe.models.sdxl.adapter import FAMILY
     from fixtures.sdxl_adapters import ms_diffusion_state_dict
 
     node, model = preview
@@ -180,7 +180,7 @@ def test_preview_modes_adapter_and_chart(preview):
                                          "has 2 weights"):
         node.routing_over_steps(model, "euler", "normal", 8, 1.0, "manual", "1: 1,0", True)
     flux = Adapter(family="flux", format="dynaip", module=None)
-    with pytest.raises(ValueError, match="TroupeRoutingPreview: input 'adapter' is a FLUX adapter"):
+    with pytest.raises(ValueError, match="TroupeRoutingPreview: input 'adapter': got a FLUX adapter"):
         node.routing_over_steps(model, "euler", "normal", 8, 1.0, "learned", "", True, flux)
     # the chart: each level's line passes through its colour at its weight of the first and last step
     w, t = node.routing_over_steps(model, "euler", "normal", 10, 1.0, "learned", "", True)

@@ -6,9 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from comfyui_troupe.models.layout import PALETTE, Layout, Region
-from comfyui_troupe.models.preview import box_pixels, draw_layout, draw_masks, hex_rgb
-from comfyui_troupe.models.subject import Subject, SubjectError, subject_list
+from comfyui_troupe.models.layout.layout import PALETTE, Layout, Region
+from comfyui_troupe.models.layout.preview import box_pixels, draw_layout, draw_masks, hex_rgb
+from comfyui_troupe.models.layout.subject import Subject, SubjectError, subject_list
 
 
 def load_image(path) -> torch.Tensor:

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .preview import hex_rgb
+from ..layout.preview import hex_rgb
 
 LEVEL_NAMES = ("T_base", "T1", "T2", "T3")
 LEVEL_COLOURS = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759")

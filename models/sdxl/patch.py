@@ -29,7 +29,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .layout import Layout
+from ..layout.layout import Layout
 
 LayerKey = tuple[str, int, int]
 AttentionFn = Callable[..., torch.Tensor]

@@ -7,8 +7,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .layout import PALETTE
-from .preview import hex_rgb
+from ..layout.layout import PALETTE
+from ..layout.preview import hex_rgb
 
 LEVEL_COLOURS = ("#4e79a7", "#f28e2b", "#59a14f")  # low, mid, high
 LEVEL_NAMES = ("low", "mid", "high")

@@ -28,8 +28,8 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from .flux_adapter import RESIDUAL, FluxImageAdapter
-from .layout import Layout
+from .adapter import RESIDUAL, FluxImageAdapter
+from ..layout.layout import Layout
 
 IMAGE_ONLY = "image branch only"
 BOTH = "both branches"

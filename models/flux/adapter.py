@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapter_file import Adapter, AdapterFamily, AdapterFormatError
+from ..adapter_file import Adapter, AdapterFamily, AdapterFormatError
 
 TROUPE = "troupe-flux"
 INSTANTX = "instantx-flux"

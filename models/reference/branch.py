@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .reference_lora import ReferenceLoRA
+from .lora import ReferenceLoRA
 
 REFERENCE_ATTENTION = ("joint", "self_cached")
 STATE_KEY = "troupe_reference_branch"
@@ -280,7 +280,7 @@ class ReferenceBranch:
     subject_weights: list[float] | None = None
     region_masks: Callable[[int, int], torch.Tensor] | None = None  # (h_tok, w_tok) -> [S, h_tok, w_tok]
     lora: ReferenceLoRA | None = None
-    dem: object | None = None  # models.dem.Alignment, applied to the context once per run and condition
+    dem: object | None = None  # models.reference.dem.Alignment, applied to the context once per run and condition
     compute_dtype: object = None  # the DiT's compute dtype (manual cast), None: the DiT's own
     n_txt_hint: int = 256  # text length of the prompt the positions were found in (mask preview)
     _cache: dict = field(default_factory=dict, repr=False)

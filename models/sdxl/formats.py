@@ -21,10 +21,10 @@ from typing import Mapping
 
 import torch
 
-from .adapter_file import Adapter, AdapterFamily, AdapterFormatError
-from .sdxl_adapter import JOINT_FORMATS, SdxlAdapter, depths_for, describe_image_input
-from .sdxl_refiner import RefinerConfig
-from .sdxl_resampler import ResamplerConfig
+from ..adapter_file import Adapter, AdapterFamily, AdapterFormatError
+from .adapter import JOINT_FORMATS, SdxlAdapter, depths_for, describe_image_input
+from .refiner import RefinerConfig
+from .resampler import ResamplerConfig
 
 FORMAT_KEYS = {
     "troupe-r3": "image_proj.latent_proj.*, refiner.*, router.*, ms_adapter.*, dummy_image_tokens",

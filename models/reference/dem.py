@@ -26,7 +26,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from .adapter_file import AdapterFormatError
+from ..adapter_file import AdapterFormatError
 
 REDUX_TOKENS = 729  # FLUX.1 Redux: SigLIP-384 27x27 patches, appended after the T5 tokens
 

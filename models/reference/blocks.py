@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .flux_reference import (STATE_KEY, AttentionFn, ReferenceBranch, ReferenceOptions, additive_mask,
+from .branch import (STATE_KEY, AttentionFn, ReferenceBranch, ReferenceOptions, additive_mask,
                              apply_rope, patchify, reference_positions, timestep_embedding, token_grid)
-from .reference_lora import ReferenceLoRA
+from .lora import ReferenceLoRA
 
 
 # --------------------------------------------------------------------------- per-forward state

@@ -23,7 +23,7 @@ from typing import Mapping
 
 import torch
 
-from .adapter_file import AdapterFormatError
+from ..adapter_file import AdapterFormatError
 
 
 @dataclass(frozen=True)

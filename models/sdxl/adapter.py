@@ -20,9 +20,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .sdxl_refiner import ProgressiveRefiner, RefinerConfig
-from .sdxl_resampler import ImageProjLinear, Resampler, ResamplerConfig
-from .sdxl_router import Schedule, TimestepRouter, route
+from .refiner import ProgressiveRefiner, RefinerConfig
+from .resampler import ImageProjLinear, Resampler, ResamplerConfig
+from .router import Schedule, TimestepRouter, route
 
 FORMATS = ("troupe-r3", "ms-diffusion", "ip-adapter-plus-sdxl", "ip-adapter-sdxl")
 JOINT_FORMATS = ("troupe-r3", "ms-diffusion")
@@ -205,7 +205,7 @@ def describe_image_input(kind: str, width: int) -> str:
 def __getattr__(name: str):
     """``FAMILY`` (detect/load of the four formats) lives in ``sdxl_formats``, which builds this module's class."""
     if name == "FAMILY":
-        from .sdxl_formats import FAMILY
+        from .formats import FAMILY
 
         return FAMILY
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,1 @@
+"""Reference encoding: hierarchical CLIP features, HMoE fusion, DINO features, fusion chart."""

@@ -1,0 +1,1 @@
+"""The FLUX adapter: DynaIP's decoupled image cross-attention and its block patch."""

@@ -1,0 +1,1 @@
+"""Layout and subjects: the region layout, subject references, and their previews."""

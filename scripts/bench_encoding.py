@@ -25,7 +25,7 @@ from PIL import Image  # noqa: E402
 
 from fixtures.tiny_models import ensure_comfy, init_weights, tiny_clip_vision  # noqa: E402
 
-MSBENCH = ROOT.parent / "shared" / "benchmarks" / "msbench" / "images"
+MSBENCH = ROOT / "benchmarks" / "msbench" / "images"
 
 
 def photos(n: int) -> list[torch.Tensor]:

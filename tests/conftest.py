@@ -9,7 +9,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = ROOT / "tests"
-MSBENCH = ROOT.parent / "shared" / "benchmarks" / "msbench"
+MSBENCH = ROOT / "benchmarks" / "msbench"
 ARTIFACTS = ROOT / "test-artifacts"
 PACKAGE = "comfyui_troupe"
 
@@ -36,9 +36,9 @@ if str(TESTS) not in sys.path:
 
 @pytest.fixture(scope="session")
 def msbench() -> Path:
-    """The MS-Bench folder in ../shared (real subject photos, MIT licence)."""
+    """The MS-Bench folder shipped in benchmarks/msbench (real subject photos, MIT licence)."""
     if not (MSBENCH / "msbench.json").exists():
-        pytest.fail(f"MS-Bench is missing at {MSBENCH}: tests read it from ../shared beside the clone")
+        pytest.fail(f"MS-Bench is missing at {MSBENCH}: it is part of the repository; restore it with git checkout")
     return MSBENCH
 
 

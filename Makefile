@@ -1,10 +1,14 @@
 # ComfyUI-Troupe developer commands. `make demo` and `make test` build the host when missing.
+# COMFYUI=/path/to/ComfyUI runs any of them on a copy of that ComfyUI tree instead of the default 0.3.75.
 SHELL := /bin/bash
-PY := .host/venv/bin/python
+COMFYUI ?=
+export COMFYUI
+export TROUPE_HOST := $(shell COMFYUI="$(COMFYUI)" bash scripts/host.sh --dir)
+PY := $(TROUPE_HOST)/venv/bin/python
 PORT ?= 8188
 PYTEST_ARGS ?=
 
-.PHONY: host demo serve test test-unit clean-host
+.PHONY: host demo serve lint test test-unit clean-host
 
 host:
 	@bash scripts/host.sh
@@ -13,13 +17,16 @@ demo: host
 	$(PY) scripts/demo.py
 
 serve: host
-	cd .host/ComfyUI && ../venv/bin/python main.py --cpu --listen 127.0.0.1 --port $(PORT) --disable-api-nodes
+	cd $(TROUPE_HOST)/ComfyUI && ../venv/bin/python main.py --cpu --listen 127.0.0.1 --port $(PORT) --disable-api-nodes
 
-test: host
+lint: host
+	$(PY) -m ruff check .
+
+test: host lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-unit: host
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
 clean-host:
-	rm -rf .host
+	rm -rf $(TROUPE_HOST)

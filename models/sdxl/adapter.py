@@ -58,10 +58,10 @@ def depths_for(num_layers: int) -> tuple[int, ...]:
 class KVProjection(nn.Module):
     """One cross-attention layer's image key/value projections ``to_k_ip``, ``to_v_ip`` (no bias)."""
 
-    def __init__(self, cross_dim: int, width: int, *, ops=nn, dtype=None, device=None):
+    def __init__(self, cross_dim: int, width: int, *, operations=nn, dtype=None, device=None):
         super().__init__()
-        self.to_k_ip = ops.Linear(cross_dim, width, bias=False, dtype=dtype, device=device)
-        self.to_v_ip = ops.Linear(cross_dim, width, bias=False, dtype=dtype, device=device)
+        self.to_k_ip = operations.Linear(cross_dim, width, bias=False, dtype=dtype, device=device)
+        self.to_v_ip = operations.Linear(cross_dim, width, bias=False, dtype=dtype, device=device)
 
 
 class SdxlAdapter(nn.Module):
@@ -73,13 +73,12 @@ class SdxlAdapter(nn.Module):
     def __init__(self, format: str, *, layer_widths: Sequence[int], cross_dim: int = 2048,
                  resampler: ResamplerConfig | None = None, linear: tuple[int, int] | None = None,
                  refiner: RefinerConfig | None = None, alpha: float = 1.0, num_dummy_tokens: int = 4,
-                 operations=None, dtype=None, device=None):
+                 operations=nn, dtype=None, device=None):
         super().__init__()
         if format not in FORMATS:
             raise ValueError(f"unknown SDXL adapter format {format!r}; known: {', '.join(FORMATS)}")
         if (resampler is None) == (linear is None):
             raise ValueError("give exactly one image projection: a resampler config or (embedding_dim, tokens)")
-        ops = operations or nn
         kw = dict(dtype=dtype, device=device)
         self.format = format
         self.semantics = "joint" if format in JOINT_FORMATS else "separate"
@@ -87,14 +86,14 @@ class SdxlAdapter(nn.Module):
         if resampler is not None:
             if resampler.output_dim != cross_dim:
                 raise ValueError(f"the resampler outputs width {resampler.output_dim}, the layers take {cross_dim}")
-            self.image_proj = Resampler(resampler, operations=ops, **kw)
+            self.image_proj = Resampler(resampler, operations=operations, **kw)
             self.tokens_per_subject = resampler.num_queries
             self.image_input = "penultimate"
             self.image_width = resampler.embedding_dim
             self.needs_phrases = resampler.queries == "grounding"
         else:
             embedding_dim, tokens = linear
-            self.image_proj = ImageProjLinear(embedding_dim, cross_dim, tokens, operations=ops, **kw)
+            self.image_proj = ImageProjLinear(embedding_dim, cross_dim, tokens, operations=operations, **kw)
             self.tokens_per_subject = tokens
             self.image_input = "image_embeds"
             self.image_width = embedding_dim
@@ -102,10 +101,10 @@ class SdxlAdapter(nn.Module):
         if refiner is not None and (refiner.dim, refiner.tokens) != (self.cross_dim, self.tokens_per_subject):
             raise ValueError(f"the refiner takes [{refiner.tokens}, {refiner.dim}] tokens per subject but the image "
                              f"projection gives [{self.tokens_per_subject}, {self.cross_dim}]")
-        self.refiner = ProgressiveRefiner(refiner, alpha, operations=ops, **kw) if refiner is not None else None
+        self.refiner = ProgressiveRefiner(refiner, alpha, operations=operations, **kw) if refiner is not None else None
         self.router = TimestepRouter(4, **kw) if refiner is not None else None
         self.num_levels = 4 if refiner is not None else 1
-        self.layers = nn.ModuleDict({str(2 * i + 1): KVProjection(cross_dim, w, ops=ops, **kw)
+        self.layers = nn.ModuleDict({str(2 * i + 1): KVProjection(cross_dim, w, operations=operations, **kw)
                                      for i, w in enumerate(layer_widths)})
         self.dummy_image_tokens = (nn.Parameter(torch.zeros(1, num_dummy_tokens, cross_dim, **kw))
                                    if self.semantics == "joint" else None)

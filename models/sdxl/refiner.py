@@ -60,15 +60,15 @@ def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
 class LevelAttention(nn.Module):
     """Multi-head self-attention over one subject's tokens restricted by a window or a top-k mask."""
 
-    def __init__(self, dim: int, heads: int, *, ops=nn, dtype=None, device=None):
+    def __init__(self, dim: int, heads: int, *, operations=nn, dtype=None, device=None):
         super().__init__()
         if dim % heads:
             raise ValueError(f"refiner width {dim} is not divisible by {heads} heads")
         self.heads = heads
-        self.to_q = ops.Linear(dim, dim, bias=False, dtype=dtype, device=device)
-        self.to_k = ops.Linear(dim, dim, bias=False, dtype=dtype, device=device)
-        self.to_v = ops.Linear(dim, dim, bias=False, dtype=dtype, device=device)
-        self.to_out = ops.Linear(dim, dim, dtype=dtype, device=device)
+        self.to_q = operations.Linear(dim, dim, bias=False, dtype=dtype, device=device)
+        self.to_k = operations.Linear(dim, dim, bias=False, dtype=dtype, device=device)
+        self.to_v = operations.Linear(dim, dim, bias=False, dtype=dtype, device=device)
+        self.to_out = operations.Linear(dim, dim, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor, *, window: int | None = None, topk: int | None = None) -> torch.Tensor:
         n, m, _ = x.shape
@@ -79,27 +79,27 @@ class LevelAttention(nn.Module):
         return self.to_out((weights @ v).transpose(1, 2).reshape(n, m, -1))
 
 
-def residual_projection(dim: int, *, ops=nn, dtype=None, device=None) -> nn.Sequential:
+def residual_projection(dim: int, *, operations=nn, dtype=None, device=None) -> nn.Sequential:
     """Eq. 4 of 000: rho = Linear_2(Tanh(Linear_1(LayerNorm(x)))), keys ``0``, ``1``, ``3``."""
     return nn.Sequential(
-        ops.LayerNorm(dim, dtype=dtype, device=device),
-        ops.Linear(dim, dim, dtype=dtype, device=device),
+        operations.LayerNorm(dim, dtype=dtype, device=device),
+        operations.Linear(dim, dim, dtype=dtype, device=device),
         nn.Tanh(),
-        ops.Linear(dim, dim, dtype=dtype, device=device),
+        operations.Linear(dim, dim, dtype=dtype, device=device),
     )
 
 
 class RefinementLevel(nn.Module):
     """One level l of Eqs. 1-3: positional embedding e_l, masked attention, rho_l, scale s_l, optional Skip."""
 
-    def __init__(self, config: RefinerConfig, skip: bool, *, ops=nn, dtype=None, device=None):
+    def __init__(self, config: RefinerConfig, skip: bool, *, operations=nn, dtype=None, device=None):
         super().__init__()
         c = config
         self.pos = nn.Parameter(torch.randn(1, c.tokens, c.dim, dtype=dtype, device=device) * 0.02)
-        self.attn = LevelAttention(c.dim, c.heads, ops=ops, dtype=dtype, device=device)
-        self.rho = residual_projection(c.dim, ops=ops, dtype=dtype, device=device)
+        self.attn = LevelAttention(c.dim, c.heads, operations=operations, dtype=dtype, device=device)
+        self.rho = residual_projection(c.dim, operations=operations, dtype=dtype, device=device)
         self.scale = nn.Parameter(torch.tensor(INIT_SCALE, dtype=dtype, device=device))
-        self.skip = ops.Linear(c.dim, c.dim, dtype=dtype, device=device) if skip else None
+        self.skip = operations.Linear(c.dim, c.dim, dtype=dtype, device=device) if skip else None
 
     def correction(self, prev: torch.Tensor, base: torch.Tensor, alpha: float, **mask) -> torch.Tensor:
         """``alpha * s_l * rho_l(Attn(prev + e_l [+ Skip(T_base)]))``, the bounded residual of one level."""
@@ -112,11 +112,10 @@ class RefinementLevel(nn.Module):
 class ProgressiveRefiner(nn.Module):
     """Eqs. 1-4 of 000: T_base [N, M, C] -> [T_base; T1; T2; T3] as [N, 4, M, C]."""
 
-    def __init__(self, config: RefinerConfig, alpha: float = 1.0, *, operations=None, dtype=None, device=None):
+    def __init__(self, config: RefinerConfig, alpha: float = 1.0, *, operations=nn, dtype=None, device=None):
         super().__init__()
-        ops = operations or nn
         self.config = config
-        self.levels = nn.ModuleList(RefinementLevel(config, skip=l > 0, ops=ops, dtype=dtype, device=device)
+        self.levels = nn.ModuleList(RefinementLevel(config, skip=l > 0, operations=operations, dtype=dtype, device=device)
                                     for l in range(3))
         # the sizes travel with the weights, so a file alone rebuilds the module
         self.register_buffer("alpha", torch.tensor(float(alpha)))

@@ -41,15 +41,15 @@ class PerceiverAttention(nn.Module):
     """Queries (latents) attend to the image tokens and to themselves; keys ``norm1``, ``norm2``, ``to_q``,
     ``to_kv``, ``to_out`` (no biases)."""
 
-    def __init__(self, dim: int, heads: int, dim_head: int, *, ops=nn, dtype=None, device=None):
+    def __init__(self, dim: int, heads: int, dim_head: int, *, operations=nn, dtype=None, device=None):
         super().__init__()
         inner = heads * dim_head
         self.heads = heads
-        self.norm1 = ops.LayerNorm(dim, dtype=dtype, device=device)
-        self.norm2 = ops.LayerNorm(dim, dtype=dtype, device=device)
-        self.to_q = ops.Linear(dim, inner, bias=False, dtype=dtype, device=device)
-        self.to_kv = ops.Linear(dim, 2 * inner, bias=False, dtype=dtype, device=device)
-        self.to_out = ops.Linear(inner, dim, bias=False, dtype=dtype, device=device)
+        self.norm1 = operations.LayerNorm(dim, dtype=dtype, device=device)
+        self.norm2 = operations.LayerNorm(dim, dtype=dtype, device=device)
+        self.to_q = operations.Linear(dim, inner, bias=False, dtype=dtype, device=device)
+        self.to_kv = operations.Linear(dim, 2 * inner, bias=False, dtype=dtype, device=device)
+        self.to_out = operations.Linear(inner, dim, bias=False, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         x, latents = self.norm1(x), self.norm2(latents)
@@ -61,13 +61,13 @@ class PerceiverAttention(nn.Module):
         return self.to_out(out.transpose(1, 2).reshape(n, lq, -1))
 
 
-def feed_forward(dim: int, mult: int, *, ops=nn, dtype=None, device=None) -> nn.Sequential:
+def feed_forward(dim: int, mult: int, *, operations=nn, dtype=None, device=None) -> nn.Sequential:
     """LayerNorm -> Linear -> GELU -> Linear (no biases), keys ``0``, ``1``, ``3``."""
     return nn.Sequential(
-        ops.LayerNorm(dim, dtype=dtype, device=device),
-        ops.Linear(dim, dim * mult, bias=False, dtype=dtype, device=device),
+        operations.LayerNorm(dim, dtype=dtype, device=device),
+        operations.Linear(dim, dim * mult, bias=False, dtype=dtype, device=device),
         nn.GELU(),
-        ops.Linear(dim * mult, dim, bias=False, dtype=dtype, device=device),
+        operations.Linear(dim * mult, dim, bias=False, dtype=dtype, device=device),
     )
 
 
@@ -104,9 +104,8 @@ class Resampler(nn.Module):
     ``LayerNorm(Linear(GELU(Linear(cat(phrase, Fourier(box))))))`` reshaped to [Q, W].
     """
 
-    def __init__(self, config: ResamplerConfig, *, operations=None, dtype=None, device=None):
+    def __init__(self, config: ResamplerConfig, *, operations=nn, dtype=None, device=None):
         super().__init__()
-        ops = operations or nn
         c = config
         if c.queries not in ("grounding", "latents"):
             raise ValueError(f"queries must be 'grounding' or 'latents', got {c.queries!r}")
@@ -116,21 +115,21 @@ class Resampler(nn.Module):
             self.grounding_latents = nn.Parameter(torch.randn(1, c.num_queries, c.dim, dtype=dtype, device=device)
                                                   / c.dim ** 0.5)
             self.latent_proj = nn.Sequential(
-                ops.Linear(c.grounding_dim, 2 * c.grounding_dim, dtype=dtype, device=device),
+                operations.Linear(c.grounding_dim, 2 * c.grounding_dim, dtype=dtype, device=device),
                 nn.GELU(),
-                ops.Linear(2 * c.grounding_dim, c.dim * c.num_queries, dtype=dtype, device=device),
+                operations.Linear(2 * c.grounding_dim, c.dim * c.num_queries, dtype=dtype, device=device),
             )
-            self.latent_norm = ops.LayerNorm(c.dim, dtype=dtype, device=device)
+            self.latent_norm = operations.LayerNorm(c.dim, dtype=dtype, device=device)
         else:
             self.latents = nn.Parameter(torch.randn(1, c.num_queries, c.dim, dtype=dtype, device=device) / c.dim ** 0.5)
-        self.proj_in = ops.Linear(c.embedding_dim, c.dim, dtype=dtype, device=device)
+        self.proj_in = operations.Linear(c.embedding_dim, c.dim, dtype=dtype, device=device)
         if c.attention_norm:
-            self.attention_norm = ops.LayerNorm(c.dim, dtype=dtype, device=device)
-        self.proj_out = ops.Linear(c.dim, c.output_dim, dtype=dtype, device=device)
-        self.norm_out = ops.LayerNorm(c.output_dim, dtype=dtype, device=device)
+            self.attention_norm = operations.LayerNorm(c.dim, dtype=dtype, device=device)
+        self.proj_out = operations.Linear(c.dim, c.output_dim, dtype=dtype, device=device)
+        self.norm_out = operations.LayerNorm(c.output_dim, dtype=dtype, device=device)
         self.layers = nn.ModuleList(
-            nn.ModuleList([PerceiverAttention(c.dim, c.heads, c.dim_head, ops=ops, dtype=dtype, device=device),
-                           feed_forward(c.dim, c.ff_mult, ops=ops, dtype=dtype, device=device)])
+            nn.ModuleList([PerceiverAttention(c.dim, c.heads, c.dim_head, operations=operations, dtype=dtype, device=device),
+                           feed_forward(c.dim, c.ff_mult, operations=operations, dtype=dtype, device=device)])
             for _ in range(c.depth)
         )
 
@@ -170,13 +169,12 @@ class Resampler(nn.Module):
 class ImageProjLinear(nn.Module):
     """IP-Adapter base: the projected image embedding [N, P] -> Linear -> [N, T, C] -> LayerNorm."""
 
-    def __init__(self, embedding_dim: int, output_dim: int = 2048, num_tokens: int = 4, *, operations=None,
+    def __init__(self, embedding_dim: int, output_dim: int = 2048, num_tokens: int = 4, *, operations=nn,
                  dtype=None, device=None):
         super().__init__()
-        ops = operations or nn
         self.embedding_dim, self.output_dim, self.num_tokens = embedding_dim, output_dim, num_tokens
-        self.proj = ops.Linear(embedding_dim, num_tokens * output_dim, dtype=dtype, device=device)
-        self.norm = ops.LayerNorm(output_dim, dtype=dtype, device=device)
+        self.proj = operations.Linear(embedding_dim, num_tokens * output_dim, dtype=dtype, device=device)
+        self.norm = operations.LayerNorm(output_dim, dtype=dtype, device=device)
 
     def forward(self, embeds: torch.Tensor) -> torch.Tensor:
         if embeds.ndim != 2 or embeds.shape[-1] != self.embedding_dim:

@@ -6,8 +6,9 @@ whose ``detect`` names the format a state dict is in (or None) and whose ``load`
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 
@@ -74,7 +75,7 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
         return load_file(path, device="cpu")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickles with code in them are refused here, never executed
+    except Exception as e:  # noqa: BLE001  torch.load raises many types; pickles with code are refused, never run
         raise AdapterFormatError(f"could not read {path} safely (torch.load weights_only=True): {e}") from None
     out: dict[str, torch.Tensor] = {}
     _flatten(obj, "", out)

@@ -5,11 +5,11 @@ from comfy_api.latest import ComfyExtension, io
 
 from .adapter import TroupeLoadAdapter
 from .dino import TroupeEncodeDINO
-from .flux import TroupeApplyFLUX
 from .encoding import TroupeEncodeSubjects, TroupeFusionWeightsPreview, TroupeGranularity, TroupeLoadFusion
+from .flux import TroupeApplyFLUX
+from .layout import TroupeLayout, TroupeLayoutFromMasks, TroupeLayoutPreview, TroupeLayoutToMasks
 from .paths import register_model_folders
 from .reference_branch import TroupeAttentionMaskPreview, TroupeReferenceBranch
-from .layout import TroupeLayout, TroupeLayoutFromMasks, TroupeLayoutPreview, TroupeLayoutToMasks
 from .sdxl import TroupeApplySDXL
 from .sdxl_routing import TroupeRoutingPreview
 from .subjects import TroupeSubject, TroupeSubjectList

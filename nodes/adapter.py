@@ -5,8 +5,8 @@ import folder_paths
 from comfy_api.latest import io, ui
 
 from ..models.adapter_file import AdapterFamily, AdapterFormatError, detect_and_load, read_state_dict
-from .errors import node_error
 from . import paths, types
+from .errors import node_error
 
 CATEGORY = "Troupe/adapters"
 NODE = "TroupeLoadAdapter"

@@ -11,8 +11,8 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..models.encoding.dino import DinoEncoder, DinoFeatures, DinoModelError, encode_dino, load_hf_dino
-from .errors import node_error
 from . import paths, types
+from .errors import node_error
 
 CATEGORY = "Troupe/encoding"
 NODE = "TroupeEncodeDINO"
@@ -74,7 +74,7 @@ def dino_source(clip_vision, dino_model: str) -> DinoEncoder:
         raise node_error(NODE, None, f"both 'clip_vision' and 'dino_model' ({dino_model}) are given; keep one: "
                          "disconnect clip_vision or set dino_model to 'none'")
     if clip_vision is None and not folder:
-        raise node_error(NODE, None, f"no DINO model: connect a DINOv2 from Load CLIP Vision to 'clip_vision' or pick "
+        raise node_error(NODE, None, "no DINO model: connect a DINOv2 from Load CLIP Vision to 'clip_vision' or pick "
                          "a DINOv2/DINOv3 folder (HF transformers, config.json + weights) from models/dino in "
                          "'dino_model'")
     return comfy_dino_encoder(clip_vision) if clip_vision is not None else hf_dino_encoder(dino_model)

@@ -4,11 +4,17 @@ from __future__ import annotations
 from comfy_api.latest import io, ui
 
 from ..models.layout.layout import (
-    EDGE_MODES, OVERLAP_POLICIES, Layout, LayoutError, layout_from_json, layout_from_masks, parse_layout_json,
+    EDGE_MODES,
+    OVERLAP_POLICIES,
+    Layout,
+    LayoutError,
+    layout_from_json,
+    layout_from_masks,
+    parse_layout_json,
 )
 from ..models.layout.preview import draw_layout, draw_masks
-from .errors import error_text, node_error
 from . import types
+from .errors import error_text, node_error
 
 EMPTY_LAYOUT = '{"version": 1, "boxes": []}'
 CATEGORY = "Troupe/layout"

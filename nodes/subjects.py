@@ -4,8 +4,8 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..models.layout.subject import MAX_SUBJECTS, Subject, SubjectError, subject_list
-from .errors import node_error
 from . import types
+from .errors import node_error
 
 CATEGORY = "Troupe/subjects"
 

@@ -6,6 +6,8 @@ import os
 import threading
 import time
 
+from typing_extensions import Self
+
 
 def rss() -> int:
     """The process's resident-set size in bytes."""
@@ -24,7 +26,7 @@ def trim() -> None:
 class PeakRSS:
     """Largest resident-set size seen while the block runs (sampled every 5 ms), minus the size at its start."""
 
-    def __enter__(self) -> "PeakRSS":
+    def __enter__(self) -> Self:
         trim()
         self.start = self.peak = rss()
         self.running = True

@@ -18,12 +18,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-import conftest  # noqa: E402,F401  (registers the pack as comfyui_troupe)
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from fixtures.tiny_models import ensure_comfy, init_weights, tiny_clip_vision  # noqa: E402
+import conftest  # noqa: F401  (registers the pack as comfyui_troupe)
+import numpy as np
+import torch
+from fixtures.tiny_models import ensure_comfy, init_weights, tiny_clip_vision
+from PIL import Image
 
 MSBENCH = ROOT / "benchmarks" / "msbench" / "images"
 
@@ -60,8 +59,8 @@ def bench(name: str, cv, counts, repeats: int) -> list[str]:
     rows = []
     for n in counts:
         subjects = tuple(Subject(image=images[i], label=f"s{i + 1}") for i in range(n))
-        batched = timed(lambda: encode_subjects(cv, subjects), repeats)
-        single = timed(lambda: [encode_subjects(cv, (s,)) for s in subjects], repeats)
+        batched = timed(lambda subjects=subjects: encode_subjects(cv, subjects), repeats)
+        single = timed(lambda subjects=subjects: [encode_subjects(cv, (s,)) for s in subjects], repeats)
         rows.append(f"| {name} | {n} | {batched * 1000:.1f} | {batched / n * 1000:.1f} | {single / n * 1000:.1f} |")
         print(rows[-1], flush=True)
     return rows

@@ -16,10 +16,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the harness lives with the tests; this script is not part of the pack
 
-from comfy_server import ComfyServer  # noqa: E402
-from workflow_api import ui_to_api  # noqa: E402
-
-import demo_sdxl  # noqa: E402  (scripts/ is on sys.path when this file runs as a script)
+import demo_sdxl
+from comfy_server import ComfyServer
+from workflow_api import ui_to_api
 
 
 def main() -> int:

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
-import shutil
 import tempfile
 import time
 import uuid
@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import requests
+from typing_extensions import Self
 
 ROOT = Path(__file__).resolve().parent.parent
 # the host folder scripts/host.sh built: .host for the default ComfyUI, another when the Makefile sets it
@@ -81,7 +82,7 @@ class ComfyServer:
         path.write_text("\n".join(lines) + "\n")
         return path
 
-    def start(self, timeout: float = 180.0) -> "ComfyServer":
+    def start(self, timeout: float = 180.0) -> ComfyServer:
         if not (COMFY_DIR / "main.py").exists():
             raise RuntimeError(f"{COMFY_DIR} is missing: run `make host` first")
         for d in (self.output_dir, self.input_dir, self.temp_dir):
@@ -97,7 +98,7 @@ class ComfyServer:
         # one thread: on small CI machines torch's default thread pool makes tiny models many times slower
         env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                    OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-        self._log = open(self.log_path, "w")
+        self._log = open(self.log_path, "w")  # noqa: SIM115  the server writes it until stop() closes it
         self.proc = subprocess.Popen(cmd, cwd=COMFY_DIR, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         deadline = time.time() + timeout
         while time.time() < deadline:
@@ -130,7 +131,7 @@ class ComfyServer:
         if self._own_workdir and self.workdir.exists():
             shutil.rmtree(self.workdir, ignore_errors=True)
 
-    def __enter__(self) -> "ComfyServer":
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc) -> None:

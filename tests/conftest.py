@@ -27,7 +27,7 @@ def _register_pack() -> None:
 
 _register_pack()
 # the CI machine has 2 vCPUs: torch's default pool makes tiny fixture models 5-30x slower
-import torch  # noqa: E402
+import torch
 
 torch.set_num_threads(1)
 if str(TESTS) not in sys.path:

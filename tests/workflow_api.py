@@ -60,12 +60,11 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
         inputs: dict[str, Any] = {}
         pos = 0
         for name, kind, options in _input_specs(info):
-            if _is_widget(kind, options):
-                if pos < len(values):
-                    value = values[pos]
-                    pos += 1 + _extra_values(kind, options)
-                    if name not in linked:
-                        inputs[name] = value
+            if _is_widget(kind, options) and pos < len(values):
+                value = values[pos]
+                pos += 1 + _extra_values(kind, options)
+                if name not in linked:
+                    inputs[name] = value
             if name in linked:
                 inputs[name] = linked[name]
         prompt[str(node["id"])] = {"class_type": ntype, "inputs": inputs}

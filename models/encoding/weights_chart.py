@@ -1,7 +1,7 @@
 """A bar chart of HMoE fusion weights [low, mid, high] per subject (Eq. 7 and B.4 of 004)."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -29,7 +29,7 @@ def bar_geometry(subject: int, level: int, kind: int, value: float) -> tuple[int
     bar = BAR_W // 2
     x0 = LEFT + subject * col_w + GAP + level * (group_w + GAP) + kind * (bar + 2)
     base = TOP + CHART_H
-    return x0, base - int(round(value * CHART_H)), x0 + bar, base
+    return x0, base - round(value * CHART_H), x0 + bar, base
 
 
 def draw_fusion_weights(routed: torch.Tensor, used: torch.Tensor, labels: Sequence[str]) -> torch.Tensor:
@@ -43,7 +43,7 @@ def draw_fusion_weights(routed: torch.Tensor, used: torch.Tensor, labels: Sequen
     font, small = _font(16), _font(12)
     base = TOP + CHART_H
     for frac in (0.0, 0.25, 0.5, 0.75, 1.0):
-        y = base - int(round(frac * CHART_H))
+        y = base - round(frac * CHART_H)
         d.line([(LEFT - 5, y), (width - GAP, y)], fill=(215, 215, 215))
         d.text((8, y - 7), f"{frac:.2f}", fill=(90, 90, 90), font=small)
     for s in range(n):

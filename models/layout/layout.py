@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -98,7 +99,7 @@ class Layout:
     def boxes(self) -> list[Box]:
         return [r.bbox() for r in self.regions]
 
-    def with_labels(self, labels: Sequence[str]) -> "Layout":
+    def with_labels(self, labels: Sequence[str]) -> Layout:
         """A copy whose regions carry the given labels (extra labels are ignored)."""
         regions = tuple(
             Region(box=r.box, mask=r.mask, label=labels[i] if i < len(labels) else r.label)
@@ -202,7 +203,7 @@ def gaussian_blur(masks: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur of masks [N, H, W] with zero padding (mass leaving the canvas is lost)."""
     if sigma <= 0:
         return masks
-    radius = max(1, int(math.ceil(3 * sigma)))
+    radius = max(1, math.ceil(3 * sigma))
     x = torch.arange(-radius, radius + 1, dtype=torch.float32)
     k = torch.exp(-0.5 * (x / sigma) ** 2)
     k = k / k.sum()

@@ -1,8 +1,8 @@
 """TROUPE_SUBJECT: one subject's reference image(s), optional mask, label and weight."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Sequence
 
 import torch
 
@@ -63,7 +63,7 @@ class Subject:
             return torch.ones(b, h, w, dtype=self.image.dtype, device=self.image.device)
         return self.mask.expand(b, h, w)
 
-    def with_weight(self, weight: float) -> "Subject":
+    def with_weight(self, weight: float) -> Subject:
         return replace(self, weight=weight)
 
 

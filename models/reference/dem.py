@@ -20,8 +20,8 @@ to_out.bias}``; ``cross_attn.{norm_q.*, norm_kv.*, to_q.weight, to_k.weight, to_
 """
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -53,7 +53,7 @@ class Attention(nn.Module):
         else:
             q_in = kv_in = self.norm(x)
         b, n, _ = x.shape
-        split = lambda t: t.view(b, t.shape[1], self.heads, -1).transpose(1, 2)  # noqa: E731
+        split = lambda t: t.view(b, t.shape[1], self.heads, -1).transpose(1, 2)
         q, k, v = split(self.to_q(q_in)), split(self.to_k(kv_in)), split(self.to_v(kv_in))
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
         return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
@@ -79,7 +79,7 @@ class DeviationExtractionModule(nn.Module):
         self.s_star = nn.Parameter(torch.zeros(dim))
         self.self_attn = Attention(dim, dim, heads, cross=False, inner=inner, operations=operations)
         self.cross_attn = Attention(dim, redux_dim, heads, cross=True, inner=inner, operations=operations)
-        self.mlp = MLP(dim, int(round(dim * mlp_ratio)), operations=operations)
+        self.mlp = MLP(dim, round(dim * mlp_ratio), operations=operations)
 
     def forward(self, concept: torch.Tensor, redux: torch.Tensor) -> torch.Tensor:
         c = concept + self.self_attn(concept)  # Eq. 3

@@ -1,7 +1,7 @@
 """A line chart of the routing gates w_0..w_3 over the sampling steps (Eqs. 5-6 of 000)."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

@@ -5,8 +5,8 @@ import shutil
 
 import pytest
 import requests
-
 from playwright import sync_api
+
 CHROMIUM = shutil.which("chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]

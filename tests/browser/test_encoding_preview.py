@@ -6,9 +6,8 @@ import shutil
 
 import numpy as np
 import pytest
-from playwright import sync_api
 from PIL import Image
-
+from playwright import sync_api
 from server.test_encoding_server import FUSION, write_fusion
 
 WAIT_MS = 60_000

@@ -12,7 +12,6 @@ import time
 import numpy as np
 import pytest
 from PIL import Image
-
 from playwright import sync_api
 
 WAIT_MS = 30_000

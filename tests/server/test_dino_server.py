@@ -4,7 +4,6 @@ from __future__ import annotations
 import shutil
 
 import pytest
-
 from comfy_server import PromptError
 from fixtures.tiny_models import tiny_hf_dinov3_folder
 

@@ -9,10 +9,9 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from comfy_server import PromptError
 from PIL import Image
 from safetensors.torch import save_file
-
-from comfy_server import PromptError
 
 WIDTH = 64  # TroupeTestTinyCLIPVision's width
 FUSION = "hmoe_tiny_w64.safetensors"

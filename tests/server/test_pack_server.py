@@ -8,9 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from comfy_server import PromptError
+from PIL import Image
 from workflow_api import ui_to_api
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -8,7 +8,11 @@ import torch
 from safetensors.torch import save_file
 
 from comfyui_troupe.models.adapter_file import (
-    Adapter, AdapterFamily, AdapterFormatError, detect_and_load, read_state_dict,
+    Adapter,
+    AdapterFamily,
+    AdapterFormatError,
+    detect_and_load,
+    read_state_dict,
 )
 
 

@@ -8,8 +8,14 @@ import torch
 import torch.nn.functional as F
 
 from comfyui_troupe.models.adapter_file import AdapterFormatError
-from comfyui_troupe.models.reference.dem import (REDUX_TOKENS, Alignment, DeviationExtractionModule, insert_positions,
-                                       insert_tokens, load_dem)
+from comfyui_troupe.models.reference.dem import (
+    REDUX_TOKENS,
+    Alignment,
+    DeviationExtractionModule,
+    insert_positions,
+    insert_tokens,
+    load_dem,
+)
 
 D, DR, HEADS = 32, 24, 4
 

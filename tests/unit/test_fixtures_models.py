@@ -9,7 +9,6 @@ import time
 
 import pytest
 import torch
-
 from fixtures import tiny_models as tm
 
 SDXL_ATTN_BLOCKS = [("input", 4), ("input", 5), ("input", 7), ("input", 8), ("middle", 0),
@@ -324,7 +323,7 @@ def test_checkpoint_round_trip_gives_identical_weights(sdxl, tmp_path):
 def test_seeds_make_the_weights(comfy):
     a, b = tm.tiny_flux(seed=1), tm.tiny_flux(seed=1)
     c = tm.tiny_flux(seed=2)
-    w = lambda p: p.model.diffusion_model.img_in.weight  # noqa: E731
+    w = lambda p: p.model.diffusion_model.img_in.weight
     assert torch.equal(w(a), w(b)) and not torch.equal(w(a), w(c))
     assert w(a).std().item() == pytest.approx(0.02, rel=0.1)
     # the RMSNorm gain is ``scale`` in 0.3.75's QKNorm and ``weight`` in newer ComfyUI's operations.RMSNorm

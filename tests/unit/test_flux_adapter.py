@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from fixtures.flux_adapters import flat, instantx_state_dict, troupe_flux_state_dict
 from fixtures.tiny_models import ensure_comfy, flux_conditioning, sample, tiny_flux
 
@@ -191,10 +190,11 @@ def test_feature_widths_are_checked_against_the_adapter(fa):
 
 def test_apply_refuses_models_and_inputs_that_do_not_fit(fa):
     ensure_comfy()
-    from comfyui_troupe.models.layout.layout import Layout, Region
-    from comfyui_troupe.models.encoding.reference_features import ClipFeatures
-    from comfyui_troupe.nodes.flux import ApplySettings, apply_flux
     from fixtures.tiny_models import tiny_sdxl
+
+    from comfyui_troupe.models.encoding.reference_features import ClipFeatures
+    from comfyui_troupe.models.layout.layout import Layout, Region
+    from comfyui_troupe.nodes.flux import ApplySettings, apply_flux
 
     feats = ClipFeatures(hidden=torch.randn(2, 3, 5, 64), layers=(10, 17, 24), encoder="tiny", labels=("a", "b"),
                          depth=24)

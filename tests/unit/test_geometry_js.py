@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(shutil.which("node") is None, reason="needs Node
 def run_js(body: str):
     """Run `body` (which sets `out`) with the geometry module imported as G; return `out` as JSON."""
     script = f"import * as G from {json.dumps(GEOMETRY.as_uri())};\nlet out;\n{body}\nconsole.log(JSON.stringify(out));"
-    res = subprocess.run(["node", "--input-type=module", "-e", script], capture_output=True, text=True, timeout=60)
+    res = subprocess.run(["node", "--input-type=module", "-e", script], capture_output=True, text=True, timeout=60, check=False)
     assert res.returncode == 0, res.stderr
     return json.loads(res.stdout)
 

@@ -10,8 +10,15 @@ import pytest
 import torch
 
 from comfyui_troupe.models.layout.layout import (
-    Layout, LayoutError, Region, dump_layout_json, layout_from_json, layout_from_masks, mask_bbox,
-    parse_layout_json, render_box,
+    Layout,
+    LayoutError,
+    Region,
+    dump_layout_json,
+    layout_from_json,
+    layout_from_masks,
+    mask_bbox,
+    parse_layout_json,
+    render_box,
 )
 
 

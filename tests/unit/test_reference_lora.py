@@ -5,12 +5,18 @@ import pickle
 
 import pytest
 import torch
-
-from comfyui_troupe.models.reference import blocks as fb
 from fixtures import tiny_models as tm
-from fixtures.reference_loras import (HIDDEN, MLP, MOSAIC_MODULES, mosaic_lora_state_dict, troupe_lora_state_dict,
-                                      zero_lora)
+from fixtures.reference_loras import (
+    HIDDEN,
+    MLP,
+    MOSAIC_MODULES,
+    mosaic_lora_state_dict,
+    troupe_lora_state_dict,
+    zero_lora,
+)
+
 from comfyui_troupe.models.adapter_file import AdapterFormatError, read_state_dict
+from comfyui_troupe.models.reference import blocks as fb
 from comfyui_troupe.models.reference.lora import FluxDims, detect_format, load_reference_lora
 
 DIMS = FluxDims(hidden=HIDDEN, mlp_hidden=MLP, in_channels=64, depth=2, depth_single=2)

@@ -9,7 +9,12 @@ import torch
 import torch.nn.functional as F
 
 from comfyui_troupe.models.sdxl.refiner import (
-    INIT_SCALE, LevelAttention, ProgressiveRefiner, RefinerConfig, topk_mask, window_mask,
+    INIT_SCALE,
+    LevelAttention,
+    ProgressiveRefiner,
+    RefinerConfig,
+    topk_mask,
+    window_mask,
 )
 
 CFG = RefinerConfig(dim=24, tokens=12, heads=2, window=4, topk=(8, 4))
@@ -69,7 +74,7 @@ def topk_keys(k):
 def independent(sd: dict, base: torch.Tensor, alpha: float) -> list[torch.Tensor]:
     """Eqs. 1-3 of 000 written out."""
     L = "levels"
-    skip = lambda l, x: F.linear(x, sd[f"{L}.{l}.skip.weight"], sd[f"{L}.{l}.skip.bias"])  # noqa: E731
+    skip = lambda l, x: F.linear(x, sd[f"{L}.{l}.skip.weight"], sd[f"{L}.{l}.skip.bias"])
     a1 = attention_by_hand(sd, f"{L}.0.attn", base + sd[f"{L}.0.pos"], 2, window_keys(4))
     t1 = base + alpha * sd[f"{L}.0.scale"] * rho(sd, f"{L}.0.rho", a1)  # Eq. 1
     a2 = attention_by_hand(sd, f"{L}.1.attn", t1 + sd[f"{L}.1.pos"] + skip(1, base), 2, topk_keys(8))

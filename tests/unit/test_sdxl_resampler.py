@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from comfyui_troupe.models.sdxl.resampler import ImageProjLinear, Resampler, ResamplerConfig, fourier_box_code
 
-SMALL = dict(dim=32, depth=2, heads=2, dim_head=16, num_queries=3, embedding_dim=24, output_dim=40, ff_mult=2,
-             phrase_dim=12, fourier_freqs=8)
+SMALL = {"dim": 32, "depth": 2, "heads": 2, "dim_head": 16, "num_queries": 3, "embedding_dim": 24, "output_dim": 40, "ff_mult": 2,
+             "phrase_dim": 12, "fourier_freqs": 8}
 
 
 def shake(module: torch.nn.Module, seed: int, std: float = 0.3) -> torch.nn.Module:

@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from comfyui_troupe.models.sdxl.router import (
-    CENTRES, TAU, TimestepRouter, gate_tokens, initial_anchor_logits, parse_schedule, route, router_time,
+    CENTRES,
+    TAU,
+    TimestepRouter,
+    gate_tokens,
+    initial_anchor_logits,
+    parse_schedule,
+    route,
+    router_time,
 )
 
 
@@ -160,11 +167,12 @@ def test_preview_gates_follow_the_samplers_steps(preview):
 
 
 def test_preview_modes_adapter_and_chart(preview):
+    from fixtures.sdxl_adapters import ms_diffusion_state_dict
+
     from comfyui_troupe.models.adapter_file import Adapter, detect_and_load
-    from comfyui_troupe.models.sdxl.routing_chart import LEVEL_COLOURS, point, y_top
     from comfyui_troupe.models.layout.preview import hex_rgb
     from comfyui_troupe.models.sdxl.adapter import FAMILY
-    from fixtures.sdxl_adapters import ms_diffusion_state_dict
+    from comfyui_troupe.models.sdxl.routing_chart import LEVEL_COLOURS, point, y_top
 
     node, model = preview
     w, t = node.routing_over_steps(model, "euler", "normal", 8, 1.0, "static", "", True)
@@ -192,7 +200,7 @@ def test_preview_modes_adapter_and_chart(preview):
         lv = int(w[step].argmax())  # the top line at that step is drawn last among those near it? check its colour
         x, y = point(step, float(w[step, lv]), 10, top)
         colour = torch.tensor(hex_rgb(LEVEL_COLOURS[lv]))
-        patch = img[int(round(y)) - 1:int(round(y)) + 2, int(round(x)) - 1:int(round(x)) + 2].reshape(-1, 3)
+        patch = img[round(y) - 1:round(y) + 2, round(x) - 1:round(x) + 2].reshape(-1, 3)
         assert ((patch - colour).abs().sum(-1) < 30).any(), (step, lv)
     assert node.weights_table(w, t).splitlines()[0].startswith("step   0  t=0.999  w=[")
     assert node.TroupeRoutingPreview.validate_inputs("euler", "karras", "manual") is True

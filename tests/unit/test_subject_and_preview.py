@@ -42,10 +42,10 @@ def test_subject_drops_alpha_and_broadcasts_a_single_mask(dog):
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        (dict(label=""), "label: give the word"),
-        (dict(label="dog", weight=-1.0), r"weight: expected a number in \[0, 10\]"),
-        (dict(label="dog", mask=torch.ones(1, 7, 7)), "mask: expected a MASK of the image's size"),
-        (dict(label="dog", image=torch.ones(8, 8, 3)), r"image: expected an IMAGE batch \[B, H, W, 3\]"),
+        ({"label": ""}, "label: give the word"),
+        ({"label": "dog", "weight": -1.0}, r"weight: expected a number in \[0, 10\]"),
+        ({"label": "dog", "mask": torch.ones(1, 7, 7)}, "mask: expected a MASK of the image's size"),
+        ({"label": "dog", "image": torch.ones(8, 8, 3)}, r"image: expected an IMAGE batch \[B, H, W, 3\]"),
     ],
 )
 def test_bad_subjects(dog, kwargs, message):

@@ -22,26 +22,26 @@ def tiny_models() -> ModuleType:
     return module
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def sdxl(seed: int):
     return tiny_models().tiny_sdxl(seed=seed)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def flux(schnell: bool, seed: int):
     return tiny_models().tiny_flux(schnell=schnell, seed=seed)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def clip_vision(layers: int, seed: int):
     return tiny_models().tiny_clip_vision(layers=layers, seed=seed)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def dinov2(layers: int, seed: int):
     return tiny_models().tiny_dinov2(layers=layers, seed=seed)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def vae(latent_channels: int, seed: int):
     return tiny_models().tiny_vae(latent_channels=latent_channels, seed=seed)

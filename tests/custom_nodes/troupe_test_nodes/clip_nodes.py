@@ -1,6 +1,8 @@
 """TEST-ONLY tiny SDXL CLIP (clip_l + clip_g): ComfyUI's own SDXLClipModel and tokenizer at tiny width."""
 from __future__ import annotations
 
+import typing
+
 from comfy_api.latest import io
 
 CATEGORY = "Troupe/testing"
@@ -19,7 +21,7 @@ def tiny_sdxl_clip(seed: int = 0, width_l: int = 32, width_g: int = 32):
     import torch
 
     class Target:
-        params: dict = {}
+        params: typing.ClassVar[dict] = {}  # ComfyUI's CLIP target interface: a class attribute
         clip = comfy.sdxl_clip.SDXLClipModel
         tokenizer = comfy.sdxl_clip.SDXLTokenizer
 

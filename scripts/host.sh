@@ -49,12 +49,20 @@ if [ ! -f "$VENV/.complete" ]; then
   quiet_pip install --quiet --upgrade pip
   quiet_pip install --quiet -r "$PINS"
   if [ -n "$REQS" ]; then
-    # The tree's own requirements, with the pinned torch kept: torch, torchvision and torchaudio lines are
-    # left out (a constraint holds torch where the pins put it; without torchaudio ComfyUI's audio nodes
-    # do not import, which the pack does not use).
+    # The tree's own requirements, with the pinned torch kept: its torch, torchvision and torchaudio lines
+    # are left out and a constraint holds torch where the pins put it.
     grep -viE '^\s*(torch|torchvision|torchaudio)\s*([=<>~!;#].*)?$' "$REQS" > "$VENV/comfyui-requirements.txt"
     grep -iE '^(torch|torchvision)==' "$PINS" > "$VENV/torch-constraint.txt"
     quiet_pip install --quiet -r "$VENV/comfyui-requirements.txt" -c "$VENV/torch-constraint.txt"
+    # Newer ComfyUI imports torchaudio from comfy/sd.py, so it must import. PyPI has no build for the pinned
+    # torch; the newest one installs without its torch pin and imports (checked here, not assumed).
+    if grep -qiE '^\s*torchaudio' "$REQS"; then
+      quiet_pip install --quiet --no-deps torchaudio
+      if ! "$VENV/bin/python" -c "import torchaudio" 2>/dev/null; then
+        quiet_pip uninstall --quiet -y torchaudio
+        log "warning: no torchaudio imports beside this torch; ComfyUI's audio code will not import"
+      fi
+    fi
   fi
   quiet_pip install --quiet -r "$ROOT/requirements.txt"
   touch "$VENV/.complete"

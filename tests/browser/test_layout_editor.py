@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 from playwright import sync_api
 
-WAIT_MS = 30_000
+WAIT_MS = 90_000  # an upper bound for polled waits (never slept): a loaded 2-core machine can take long
 RED, GREEN = (0xE6, 0x19, 0x4B), (0x3C, 0xB4, 0x4B)
 BLANK = round(0.12 * 255)
 
@@ -68,7 +68,24 @@ EDITOR_STATE = """(id) => {
 
 
 def wait_for_editor(page, node_id) -> None:
-    """Wait until the node's editor canvas is on screen with a laid-out view."""
+    """Wait until the node's editor canvas is laid out, pan the graph so it is on screen, wait for its view."""
+    # Renderers lay nodes out differently (the Vue renderer of frontend >= 1.49 makes them taller), so pan the
+    # way a user would rather than rely on one frontend's node sizes.
+    laid_out = ("(id) => { const ed = app.graph.getNodeById(id)?.troupeEditor;"
+                " return !!ed && ed.canvas.isConnected && ed.canvas.getBoundingClientRect().width > 200; }")
+    try:
+        page.wait_for_function(laid_out, arg=node_id, timeout=WAIT_MS, polling=200)
+    except sync_api.TimeoutError:
+        pytest.fail(f"the editor was not laid out: {page.evaluate(EDITOR_STATE, node_id)}")
+    fits = page.evaluate("""(id) => {
+        const r = app.graph.getNodeById(id).troupeEditor.canvas.getBoundingClientRect(), ds = app.canvas.ds;
+        if (r.height > window.innerHeight - 40 || r.width > window.innerWidth - 40) return false;
+        if (r.top < 20 || r.bottom > window.innerHeight - 20) ds.offset[1] += (20 - r.top) / ds.scale;
+        if (r.left < 20 || r.right > window.innerWidth - 20) ds.offset[0] += (20 - r.left) / ds.scale;
+        app.graph.setDirtyCanvas(true, true);
+        return true;
+    }""", node_id)
+    assert fits, f"the editor is larger than the viewport: {page.evaluate(EDITOR_STATE, node_id)}"
     try:
         page.wait_for_function(f"(id) => ({EDITOR_STATE})(id).ready", arg=node_id, timeout=WAIT_MS, polling=200)
     except sync_api.TimeoutError:

@@ -6,6 +6,8 @@ whose ``detect`` names the format a state dict is in (or None) and whose ``load`
 """
 from __future__ import annotations
 
+import os
+import pickle
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -69,17 +71,35 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     become dotted keys (``image_proj.latents``, ``ip_adapter.1.to_k_ip.weight``), which is also how the
     flat safetensors conversions of those files name them.
     """
+    name = os.path.basename(path)
     if path.lower().endswith(".safetensors"):
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(path, device="cpu")
+        try:
+            return load_file(path, device="cpu")
+        except (SafetensorError, OSError) as e:
+            raise AdapterFormatError(f"{name} is not a readable .safetensors file ({_first_line(e)}); it may be "
+                                     "truncated or still downloading: download it again") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001  torch.load raises many types; pickles with code are refused, never run
-        raise AdapterFormatError(f"could not read {path} safely (torch.load weights_only=True): {e}") from None
+    except pickle.UnpicklingError:
+        # torch's message ends with advice to load with weights_only=False, which would run the file's code
+        raise AdapterFormatError(f"{name} is not a plain tensor file: it holds Python objects that would run code "
+                                 "when loaded, so it is refused for safety; use the .safetensors version of the "
+                                 "file") from None
+    except Exception as e:  # noqa: BLE001  torch.load raises many types (zip, EOF, runtime); none runs code
+        raise AdapterFormatError(f"{name} could not be read as a tensor file ({_first_line(e)}); it may be "
+                                 "truncated or not a weight file: download it again") from None
     out: dict[str, torch.Tensor] = {}
     _flatten(obj, "", out)
     return out
+
+
+def _first_line(error: BaseException, limit: int = 160) -> str:
+    """The first line of a library error, shortened: enough to tell the cause, never a wall of text."""
+    text = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def key_summary(sd: Mapping[str, torch.Tensor], limit: int = 8) -> str:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -95,7 +95,7 @@ def split_tokens(hidden: torch.Tensor, num_registers: int, grid: tuple[int, int]
 
 def snap_to_patch(size: int, patch: int) -> int:
     """The nearest multiple of the patch size (at least one patch)."""
-    return max(patch, int(round(size / patch)) * patch)
+    return max(patch, round(size / patch) * patch)
 
 
 def image_size(height: int, width: int, resolution: int, patch: int) -> tuple[int, int]:
@@ -216,12 +216,37 @@ def import_transformers(model_type: str):
     return transformers
 
 
+def unreadable_weights(folder: str, error: BaseException) -> str:
+    """Why a DINO folder's weights did not load, in words: a pickle that would run code, or a damaged file.
+
+    transformers answers both with advice about TensorFlow checkpoints (``from_tf=True``), which misleads here;
+    the folder's files are read again with the pack's safe reader to tell which it is.
+    """
+    from ..adapter_file import AdapterFormatError, read_state_dict
+
+    name = os.path.basename(os.path.normpath(folder))
+    for file in sorted(os.listdir(folder)):
+        if file.endswith((".safetensors", ".bin", ".pt", ".pth")):
+            try:
+                read_state_dict(os.path.join(folder, file))
+            except AdapterFormatError as e:
+                return f"the DINO folder '{name}': {e}"
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+    return (f"the DINO folder '{name}' could not be loaded ({first}); it needs config.json and model.safetensors "
+            "from the model's page")
+
+
 def load_hf_dino(folder: str, device: torch.device | str = "cpu") -> DinoEncoder:
     """A local DINOv2 / DINOv2-with-registers / DINOv3 ViT folder (config.json + weights), float32, eval mode."""
     model_type = dino_model_type(folder)
     transformers = import_transformers(model_type)
     model_class = getattr(transformers, HF_DINO_CLASSES[model_type])
-    hf_model = model_class.from_pretrained(folder, local_files_only=True).float().eval()
+    from safetensors import SafetensorError
+
+    try:
+        hf_model = model_class.from_pretrained(folder, local_files_only=True).float().eval()
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+        raise DinoModelError(unreadable_weights(folder, e)) from None
     config = hf_model.config
     processor = os.path.join(folder, "preprocessor_config.json")
     pre = read_json(processor) if os.path.isfile(processor) else {}

@@ -37,6 +37,8 @@ OverlapPolicy = Literal["share", "front", "normalize"]
 EDGE_MODES: tuple[str, ...] = ("coverage", "binary", "center")
 OVERLAP_POLICIES: tuple[str, ...] = ("share", "front", "normalize")
 MAX_REGIONS = 8
+MAX_JSON_CHARS = 100_000  # 8 boxes with long labels fit many times over; a bigger value is not a layout
+PIXEL_SNAP = 0.01  # canvas pixels: further than the 6-decimal storage rounding can move an edge
 LAYOUT_JSON_VERSION = 1
 # Colours shared with the box editor (web/js/troupe_geometry.js): subject i uses PALETTE[i].
 PALETTE: tuple[str, ...] = (
@@ -271,10 +273,15 @@ def parse_layout_json(text: str) -> tuple[list[Box], list[str]]:
     """Parse the editor's JSON value ``{"version": 1, "boxes": [{"x0":..,"y0":..,"x1":..,"y1":..,"label":..}]}``."""
     if not isinstance(text, str) or not text.strip():
         raise LayoutError('the boxes value is empty; expected JSON like {"version": 1, "boxes": []}')
+    if len(text) > MAX_JSON_CHARS:
+        raise LayoutError(f"the boxes value has {len(text)} characters; a layout of {MAX_REGIONS} boxes needs under "
+                          f"{MAX_JSON_CHARS}: redraw the boxes")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise LayoutError(f"the boxes value is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except RecursionError:
+        raise LayoutError("the boxes value nests lists or objects too deeply to be a layout; redraw the boxes") from None
     if not isinstance(data, dict) or "boxes" not in data:
         raise LayoutError('the boxes value must be a JSON object with a "boxes" list')
     version = data.get("version", LAYOUT_JSON_VERSION)
@@ -318,10 +325,26 @@ def dump_layout_json(boxes: Sequence[Box], labels: Sequence[str] | None = None) 
     return json.dumps({"version": LAYOUT_JSON_VERSION, "boxes": items})
 
 
+def snap_to_pixels(box: Box, width: int, height: int) -> Box:
+    """Edges within ``PIXEL_SNAP`` canvas pixels of a pixel edge move onto it.
+
+    The editor draws on canvas pixels but stores 6 decimals: 72 px of 1024 is stored as 0.070313, i.e.
+    72.0005 px, which the ``binary`` edge rule (floor start, ceil end) would round up by a whole latent row.
+    Rounding to 6 decimals moves an edge by at most 5e-7 * size < 0.01 px for canvases up to 16384 px, so
+    genuinely sub-pixel edges (from masks or hand-written JSON) are kept.
+    """
+    out = []
+    for v, size in zip(box, (width, height, width, height)):
+        px = v * size
+        out.append(round(px) / size if abs(px - round(px)) < PIXEL_SNAP else v)
+    return (out[0], out[1], out[2], out[3])
+
+
 def layout_from_json(text: str, width: int, height: int) -> Layout:
-    """Build a layout from the editor's JSON value and the canvas size."""
+    """Build a layout from the editor's JSON value and the canvas size (edges snapped to canvas pixels)."""
     boxes, labels = parse_layout_json(text)
-    return Layout(width, height, tuple(Region(box=b, label=l) for b, l in zip(boxes, labels)))
+    return Layout(width, height, tuple(Region(box=snap_to_pixels(b, width, height), label=l)
+                                       for b, l in zip(boxes, labels)))
 
 
 def layout_from_masks(masks: torch.Tensor, width: int | None = None, height: int | None = None) -> Layout:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 import torch
 
 MAX_SUBJECTS = 8
+MAX_LABEL_CHARS = 200  # a concept word or short phrase; the labels are tokenised and searched in the prompt
 
 
 class SubjectError(ValueError):
@@ -36,6 +37,9 @@ class Subject:
         label = (self.label or "").strip()
         if not label:
             raise SubjectError('label: give the word that names this subject in the prompt, e.g. "corgi"')
+        if len(label) > MAX_LABEL_CHARS:
+            raise SubjectError(f"label: {len(label)} characters; a label is the word or short phrase that names the "
+                               f"subject in the prompt (at most {MAX_LABEL_CHARS}), e.g. \"corgi\"")
         object.__setattr__(self, "label", label)
         if not isinstance(self.weight, (int, float)) or not 0.0 <= float(self.weight) <= 10.0:
             raise SubjectError(f"weight: expected a number in [0, 10], got {self.weight!r}")

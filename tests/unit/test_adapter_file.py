@@ -30,17 +30,50 @@ def test_nested_bin_and_flat_safetensors_read_the_same(tmp_path):
 
 
 class Evil:
+    """A pickle that would create a marker file if it ever ran."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
     def __reduce__(self):
-        return (print, ("this must never run",))
+        return (open, (self.marker, "w"))
 
 
-def test_a_pickle_with_code_is_refused(tmp_path, capsys):
-    path = tmp_path / "evil.bin"
+def test_a_pickle_with_code_is_refused_never_run_and_named(tmp_path):
+    path, marker = tmp_path / "evil.bin", tmp_path / "ran"
     with open(path, "wb") as f:
-        pickle.dump({"x": Evil()}, f)
-    with pytest.raises(AdapterFormatError, match=r"could not read .*evil.bin safely \(torch.load weights_only=True\)"):
+        pickle.dump({"x": Evil(str(marker))}, f)
+    with pytest.raises(AdapterFormatError) as err:
         read_state_dict(str(path))
-    assert "this must never run" not in capsys.readouterr().out
+    message = str(err.value)
+    assert message.startswith("evil.bin is not a plain tensor file") and "refused for safety" in message
+    assert "weights_only=False" not in message and len(message) < 300  # never torch's advice, never a wall of text
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "huge header", "not json"])
+def test_a_broken_safetensors_file_is_named_with_the_fix(tmp_path, damage):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "adapter.safetensors"
+    save_file({"w": torch.randn(64, 64)}, str(path))
+    data = path.read_bytes()
+    data = {"empty": b"", "truncated": data[: len(data) // 2],
+            "huge header": (10**12).to_bytes(8, "little") + data[8:],
+            "not json": len(b"{nope").to_bytes(8, "little") + b"{nope"}[damage]
+    path.write_bytes(data)
+    with pytest.raises(AdapterFormatError, match=r"^adapter.safetensors is not a readable .safetensors file \(.*\); "
+                                                 r"it may be truncated or still downloading: download it again$"):
+        read_state_dict(str(path))
+
+
+def test_a_truncated_bin_is_named_with_the_fix(tmp_path):
+    path = tmp_path / "ip.bin"
+    torch.save({"image_proj": {"w": torch.randn(32, 32)}}, str(path))
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(AdapterFormatError, match=r"^ip.bin could not be read as a tensor file \(.*\); it may be "
+                                                 r"truncated or not a weight file"):
+        read_state_dict(str(path))
 
 
 def test_detection_asks_each_family_and_names_what_it_found():

@@ -311,3 +311,34 @@ def test_whole_image_batch_must_match_the_subjects(comfy_nodes):
     with pytest.raises(ValueError, match=r"TroupeEncodeDINO: input 'image': a batch of 3 images does not match the "
                                          r"2 subjects; give one whole image, or one per subject"):
         comfy_nodes.encode_subjects_dino(subjects, clip_vision=cv, image=torch.rand(3, 40, 60, 3))
+
+
+class _Marker:
+    """A pickle that would create a marker file if it ever ran."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+@pytest.mark.parametrize("damage", ["pickle with code", "truncated safetensors"])
+def test_a_bad_weight_file_in_a_dino_folder_is_named_never_run(tmp_path, damage):
+    """transformers blames TensorFlow (from_tf=True) for both; the message says what is wrong with which file."""
+    import pickle
+
+    folder = tiny_hf_dinov2_folder(tmp_path / "dino", layers=1)
+    weights, marker = folder / "model.safetensors", tmp_path / "ran"
+    if damage == "pickle with code":
+        weights.unlink()
+        with open(folder / "pytorch_model.bin", "wb") as f:
+            pickle.dump({"embeddings.cls_token": _Marker(str(marker))}, f)
+        expected = r"the DINO folder 'dino': pytorch_model.bin is not a plain tensor file: .* refused for safety"
+    else:
+        weights.write_bytes(weights.read_bytes()[:200])
+        expected = r"the DINO folder 'dino': model.safetensors is not a readable .safetensors file .* download it again"
+    with pytest.raises(DinoModelError, match=expected) as err:
+        load_hf_dino(str(folder))
+    assert "from_tf" not in str(err.value) and "weights_only=False" not in str(err.value)
+    assert not marker.exists()

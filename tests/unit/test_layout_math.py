@@ -190,6 +190,8 @@ BAD_JSON = [
     ('{"boxes": [7]}', "box 1: expected an object"),
     ('{"boxes": [{"x0": 0, "y0": 0, "x1": 1, "y1": 1, "label": 3}]}', "label must be a string"),
     ('{"boxes": [' + ",".join(['[0,0,1,1]'] * 9) + "]}", "at most 8 boxes"),
+    ("[" * 5000 + "]" * 5000, "nests lists or objects too deeply"),  # json.loads raises RecursionError
+    ('{"boxes": [], "pad": "' + "x" * 200_000 + '"}', "the boxes value has 200024 characters"),
 ]
 
 
@@ -197,6 +199,18 @@ BAD_JSON = [
 def test_bad_json_gives_a_clear_error(text, message):
     with pytest.raises(LayoutError, match=message):
         parse_layout_json(text)
+
+
+def test_stored_edges_snap_to_canvas_pixels():
+    """72 px of 1024 is stored as 0.070313 (72.0005 px): parsed back onto 72 px, the binary rule keeps 9 rows."""
+    text = '{"version": 1, "boxes": [{"x0": 0, "y0": 0, "x1": 0.070313, "y1": 0.195313}]}'  # as the editor's round6
+    box = layout_from_json(text, 1024, 1024).regions[0].box
+    assert box == (0.0, 0.0, 72 / 1024, 200 / 1024)
+    rows = layout_from_json(text, 1024, 1024).masks(128, 128, edge="binary")[0].sum(0).count_nonzero()
+    assert rows == 9  # x1 = 72 px = latent column 9 exactly; 72.0005 px would ceil to 10
+    # a genuinely sub-pixel edge (half a pixel) is kept as it is
+    half = layout_from_json(dump_layout_json([(0.0, 0.0, 72.5 / 1024, 0.5)]), 1024, 1024).regions[0].box
+    assert half[2] == pytest.approx(72.5 / 1024, abs=1e-6)
 
 
 def test_bad_layouts():

@@ -46,6 +46,7 @@ def test_subject_drops_alpha_and_broadcasts_a_single_mask(dog):
         ({"label": "dog", "weight": -1.0}, r"weight: expected a number in \[0, 10\]"),
         ({"label": "dog", "mask": torch.ones(1, 7, 7)}, "mask: expected a MASK of the image's size"),
         ({"label": "dog", "image": torch.ones(8, 8, 3)}, r"image: expected an IMAGE batch \[B, H, W, 3\]"),
+        ({"label": "dog " * 100_000}, r"label: 399999 characters; .* \(at most 200\)"),  # held the queue 12-27 s
     ],
 )
 def test_bad_subjects(dog, kwargs, message):

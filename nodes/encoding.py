@@ -9,12 +9,23 @@ import folder_paths
 import torch
 from comfy_api.latest import io, ui
 
-from ..models.encoding.clip_features import check_layers, default_layers, record_layers, stack_levels, subject_batch
+from ..models.encoding.clip_features import (
+    AS_TRAINED,
+    CROP_CHOICES,
+    check_layers,
+    crops_to_encode,
+    default_layers,
+    encoder_kind,
+    record_layers,
+    stack_levels,
+    subject_batch,
+)
 from ..models.encoding.hmoe import FusionCheckpointError, HMoE, hmoe_from_state_dict
-from ..models.encoding.reference_features import ClipFeatures, fuse, override_weights
+from ..models.encoding.reference_features import ClipFeatures, CropView, fuse, override_weights
+from ..models.encoding.siglip_head import SiglipPoolingHead, has_head, head_from_state_dict
 from ..models.encoding.weights_chart import draw_fusion_weights
-from .errors import node_error
 from . import paths, types
+from .errors import error_text, node_error
 
 CATEGORY = "Troupe/encoding"
 
@@ -53,11 +64,52 @@ def parse_layers(text: str, depth: int) -> tuple[int, int, int]:
     return check_layers(layers, depth, where="TroupeEncodeSubjects: input 'layers'")
 
 
-def encode_subjects(clip_vision, subjects, layers: str = "auto", fusion: HMoE | None = None) -> ClipFeatures:
+def is_siglip(clip_vision) -> bool:
+    """SigLIP (no CLS token; ComfyUI applies the post-layernorm to every token) rather than CLIP."""
+    return bool(getattr(clip_vision.model.vision_model, "output_layernorm", False))
+
+
+_HEADS: dict[tuple[str, float], tuple[torch.Tensor, SiglipPoolingHead] | None] = {}
+
+
+def siglip_head(clip_vision) -> tuple[SiglipPoolingHead | None, str]:
+    """The attention-pooling head of the SigLIP file this model was loaded from, found in models/clip_vision
+    (the safetensors file whose post-layernorm equals the loaded one's), and its file name; (None, "") if none."""
+    import os
+
+    from safetensors import safe_open
+
+    vm = clip_vision.model.vision_model
+    ref = vm.post_layernorm.weight.detach().float().cpu()
+    heads = vm.encoder.layers[0].self_attn.heads
+    norm = "vision_model.post_layernorm.weight"
+    for name in folder_paths.get_filename_list("clip_vision"):
+        path = folder_paths.get_full_path("clip_vision", name)
+        if not path or not path.endswith(".safetensors"):
+            continue
+        key = (path, os.path.getmtime(path))
+        if key not in _HEADS:  # read each file's head once (a few MB), not its weights
+            _HEADS[key] = None
+            with safe_open(path, framework="pt") as f:
+                keys = set(f.keys())
+                if has_head(keys) and norm in keys:
+                    sd = {k: f.get_tensor(k) for k in keys if k.startswith("vision_model.head.")}
+                    _HEADS[key] = (f.get_tensor(norm).float(), head_from_state_dict(sd, heads))
+        entry = _HEADS[key]
+        if entry is not None and entry[0].shape == ref.shape and torch.equal(entry[0], ref):
+            return entry[1], name
+    return None, ""
+
+
+def encode_subjects(clip_vision, subjects, layers: str = "auto", fusion: HMoE | None = None,
+                    crop: str = AS_TRAINED, head: SiglipPoolingHead | None = None) -> ClipFeatures:
     """Every subject's crop in one batched forward; record the low/mid/high layers (Sec. 4.2 of 004).
 
     The same forward also records the penultimate layer (MS-Diffusion, IP-Adapter Plus) and encodes one
-    all-zero normalised image, IP-Adapter's unconditional image prompt, as an extra batch row.
+    all-zero normalised image, IP-Adapter's unconditional image prompt, as an extra batch row. ``crop`` picks
+    the crop geometry, or with "as trained" the geometries the encoder's adapter families were trained with
+    (each in the same forward). SigLIP's pooled output comes from ``head`` (its attention-pooling head), else
+    from the mean token.
     """
     import comfy.clip_vision
 
@@ -68,7 +120,13 @@ def encode_subjects(clip_vision, subjects, layers: str = "auto", fusion: HMoE | 
     images = [s.image[0] for s in subjects]
     masks = [None if s.mask is None else s.masks()[0] for s in subjects]
     n, size = len(images), clip_vision.image_size
-    batch = subject_batch(images, masks, size)
+    siglip = is_siglip(clip_vision)
+    width = blocks[0].layer_norm1.weight.shape[0]
+    try:
+        crops = crops_to_encode(crop, encoder_kind(depth, width, size, siglip))
+    except ValueError as e:
+        raise node_error("TroupeEncodeSubjects", "crop", str(e)) from None
+    batch = torch.cat([subject_batch(images, masks, size, c) for c in crops])
     comfy.model_management.load_model_gpu(clip_vision.patcher)
     device = clip_vision.load_device
     pixels = comfy.clip_vision.clip_preprocess(batch.to(device), size=size, mean=clip_vision.image_mean,
@@ -80,12 +138,21 @@ def encode_subjects(clip_vision, subjects, layers: str = "auto", fusion: HMoE | 
         second = store[penultimate].float()
         embeds = out[2] if isinstance(out, (tuple, list)) and len(out) > 2 and torch.is_tensor(out[2]) else None
         embeds = None if embeds is None else embeds.float().clone()
+        pooled, summary, source = pooled_outputs(clip_vision, hidden, out, head, siglip)
     dev = comfy.model_management.intermediate_device()
+    rows = len(crops) * n
+
+    def part(t, i):
+        return None if t is None else t[i * n:(i + 1) * n].to(dev)
+
+    views = {c: CropView(part(second, i), part(embeds, i), part(pooled, i)) for i, c in enumerate(crops)}
     features = ClipFeatures(hidden=hidden[:n].to(dev), layers=chosen, encoder=encoder_name(clip_vision),
                             labels=tuple(s.label for s in subjects), depth=depth,
-                            image_embeds=None if embeds is None else embeds[:n].to(dev),
-                            penultimate=second[:n].to(dev), uncond_penultimate=second[n:].to(dev),
-                            uncond_image_embeds=None if embeds is None else embeds[n:].to(dev))
+                            image_embeds=part(embeds, 0), penultimate=part(second, 0),
+                            uncond_penultimate=second[rows:].to(dev),
+                            uncond_image_embeds=None if embeds is None else embeds[rows:].to(dev),
+                            crop=crops[0], crop_choice=crop, crop_views=views, pooled=part(pooled, 0),
+                            pooled_source=source, summary=None if summary is None else summary[:n].to(dev))
     if fusion is not None:
         if fusion.config.in_dim != features.width:
             raise node_error("TroupeEncodeSubjects", "fusion", f"the file was trained for encoder width "
@@ -93,6 +160,26 @@ def encode_subjects(clip_vision, subjects, layers: str = "auto", fusion: HMoE | 
                              "load the fusion file that matches the encoder")
         features = fuse(features, fusion)
     return features
+
+
+def pooled_outputs(clip_vision, hidden: torch.Tensor, out, head: SiglipPoolingHead | None, siglip: bool):
+    """(pooled [B, D], router summary [B, L, D] or None, source) of one forward.
+
+    CLIP: the pooled output is the projected CLS (``image_embeds``) and the router reads each level's CLS token.
+    SigLIP has no CLS token: the pooled output is its attention-pooling head on the post-layernorm tokens (the
+    mean token without the head), and the router reads the same pooling of each level's post-layernorm tokens.
+    """
+    if not siglip:
+        return None, None, ""
+    norm = clip_vision.model.vision_model.post_layernorm
+    last = out[0].float()
+    levels = norm(hidden.to(norm.weight.dtype)).float()  # [B, L, G, D]
+    if head is not None:
+        head = head.to(last.device)
+        pooled = head(last)
+        summary = torch.stack([head(levels[:, i]) for i in range(levels.shape[1])], dim=1)
+        return pooled, summary, "attention-pooling head"
+    return last.mean(1), levels.mean(2), "mean of tokens (no pooling head found: an approximation)"
 
 
 def load_fusion(name: str) -> HMoE:
@@ -149,9 +236,11 @@ class TroupeEncodeSubjects(io.ComfyNode):
             node_id="TroupeEncodeSubjects",
             display_name="Troupe Encode Subjects (hierarchical CLIP)",
             category=CATEGORY,
-            description="Encode every subject's reference (cropped to its mask on white, padded square) in one "
-                        "batched CLIP vision forward and keep the full tokens of a low, a mid and a high layer. "
-                        "With fusion weights, fuse them with the routed HMoE weights.",
+            description="Encode every subject's reference (cropped to its mask on white, then made square the way "
+                        "the adapter was trained) in one batched CLIP vision forward and keep the full tokens of a "
+                        "low, a mid and a high layer. With fusion weights, fuse them with the routed HMoE weights. "
+                        "SigLIP: the pooled output comes from the attention-pooling head of your SigLIP file in "
+                        "models/clip_vision (found automatically); shows which crop and pooling it used.",
             inputs=[
                 io.ClipVision.Input("clip_vision", tooltip="A CLIP/SigLIP vision model from Load CLIP Vision."),
                 types.Subjects.Input("subjects", tooltip="The subjects to encode (first reference image of each)."),
@@ -160,13 +249,46 @@ class TroupeEncodeSubjects(io.ComfyNode):
                                         "bigG 20,34,48; SigLIP 11,19,27) or three 1-based layers 'low,mid,high'."),
                 types.Fusion.Input("fusion", optional=True,
                                    tooltip="Optional HMoE fusion weights; without them adapters use the high layer."),
+                io.Combo.Input("crop", options=list(CROP_CHOICES), default=AS_TRAINED, optional=True,
+                               tooltip="How a reference becomes square. 'as trained': as the adapter family of this "
+                                       "encoder was trained (IP-Adapter, XLabs: centre crop; MS-Diffusion, "
+                                       "InstantX: stretch; DynaIP ViT-L-336: pad; ViT-bigG encodes both stretch "
+                                       "and centre crop, each file reads its own). 'pad': white borders, nothing "
+                                       "cut; 'centre crop': short side to size, centre square; 'stretch': resized "
+                                       "to a square."),
             ],
             outputs=[types.ClipFeatures.Output(display_name="features")],
         )
 
     @classmethod
-    def execute(cls, clip_vision, subjects, layers: str, fusion=None) -> io.NodeOutput:
-        return io.NodeOutput(encode_subjects(clip_vision, subjects, layers, fusion))
+    def validate_inputs(cls, crop: str = AS_TRAINED, **kw) -> bool | str:
+        """At queue time: 0.3.75 does not check V3 combo values itself."""
+        if crop in CROP_CHOICES:
+            return True
+        return error_text("TroupeEncodeSubjects", "crop", f"expected one of {', '.join(CROP_CHOICES)}, got {crop!r}")
+
+    @classmethod
+    def execute(cls, clip_vision, subjects, layers: str, fusion=None, crop: str = AS_TRAINED) -> io.NodeOutput:
+        head, head_file = (None, "")
+        vision_blocks(clip_vision)  # a clear error for a model that is not CLIP / SigLIP
+        if is_siglip(clip_vision):
+            head, head_file = siglip_head(clip_vision)
+        features = encode_subjects(clip_vision, subjects, layers, fusion, crop, head)
+        return io.NodeOutput(features, ui=ui.PreviewText(encoding_report(features, head_file)))
+
+
+def encoding_report(features: ClipFeatures, head_file: str = "") -> str:
+    """What the node shows: the crops it made and, for SigLIP, where the pooled output came from."""
+    extra = [c for c in features.crop_views if c != features.crop]
+    crop = f"crop: {features.crop}" + (" (as trained)" if features.crop_choice == AS_TRAINED else "")
+    lines = [crop + (f"; also {', '.join(extra)}, for the encoder's other adapter family" if extra else "")]
+    if features.pooled_source and head_file:
+        lines.append(f"pooled output: SigLIP attention-pooling head from {head_file}")
+    elif features.pooled_source:
+        lines.append("WARNING: no SigLIP attention-pooling head found (a .safetensors in models/clip_vision with "
+                     "vision_model.head.* and these weights): the pooled output is the mean token, an "
+                     "approximation of what InstantX was trained on")
+    return "\n".join(lines)
 
 
 class TroupeGranularity(io.ComfyNode):

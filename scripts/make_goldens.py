@@ -150,12 +150,12 @@ def ip_adapter(tencent: Path, cubiq: Path) -> None:
         ipa = types.SimpleNamespace(ip_layers=layers)
         ipa.get_multigpu_clone = lambda device, ipa=ipa: ipa
 
-        def attn2(weights) -> torch.Tensor:
+        def attn2(weights, idx=idx, ipa=ipa, cond=cond, uncond=uncond) -> torch.Tensor:
             patch = None
             for i in range(n):
-                kwargs = dict(module_key=idx, ipadapter=ipa, weight=weights[i], cond=cond[i:i + 1],
-                              cond_alt=None, uncond=uncond, weight_type="linear", mask=masks[i:i + 1],
-                              sigma_start=1e9, sigma_end=0.0, unfold_batch=False, embeds_scaling="V only")
+                kwargs = {"module_key": idx, "ipadapter": ipa, "weight": weights[i], "cond": cond[i:i + 1],
+                          "cond_alt": None, "uncond": uncond, "weight_type": "linear", "mask": masks[i:i + 1],
+                          "sigma_start": 1e9, "sigma_end": 0.0, "unfold_batch": False, "embeds_scaling": "V only"}
                 if patch is None:
                     patch = patch_mod.Attn2Replace(patch_mod.ipadapter_attention, **kwargs)
                 else:
@@ -189,7 +189,10 @@ def clip_preprocessing(tencent: Path, msdiffusion: Path) -> None:
     processor = CLIPImageProcessor()  # what both repositories instantiate (224 px, OpenAI mean / std)
     tensors = {}
     for name, (h, w) in (("landscape", (224, 320)), ("portrait", (320, 224))):
-        image = (torch.rand(h, w, 3, generator=gen) * 255).round().to(torch.uint8)
+        # smooth content (a coarse random field, bilinear upsampled): resampling filters then agree closely
+        coarse = torch.rand(1, 3, h // 16, w // 16, generator=gen)
+        smooth = torch.nn.functional.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)
+        image = (smooth[0].permute(1, 2, 0) * 255).round().to(torch.uint8)
         tensors[f"{name}_image"] = image
         pil = Image.fromarray(image.numpy())
         tensors[f"{name}_ip_adapter"] = processor(images=pil, return_tensors="pt").pixel_values
@@ -209,7 +212,6 @@ def clip_preprocessing(tencent: Path, msdiffusion: Path) -> None:
 def ms_diffusion(root: Path) -> None:
     """MS-Diffusion's grounding Resampler and MaskedIPAttnProcessor2_0 on three overlapping subjects."""
     from diffusers.models.attention_processor import Attention
-
     from fixtures.sdxl_adapters import ms_diffusion_state_dict
 
     ms = upstream("ms_diffusion", root / "msdiffusion")
@@ -250,10 +252,11 @@ def ms_diffusion(root: Path) -> None:
         out_scales = attn(hidden, encoder_hidden_states=ehs, boxes=batch_boxes)
     with torch.no_grad():  # the text keys / values as ComfyUI hands them to an attn2 replace
         k_text, v_text = attn.to_k(text), attn.to_v(text)
-    tensors = dict(features=feats, phrases=phrases, boxes=boxes, tokens=tokens, hidden=hidden, k_text=k_text,
-                   v_text=v_text, out=out, out_subject_scales=out_scales, subject_weights=torch.tensor(SUBJECT_WEIGHTS),
-                   to_q=attn.to_q.weight, to_out_weight=attn.to_out[0].weight, to_out_bias=attn.to_out[0].bias,
-                   to_k_ip_rows=proc.to_k_ip.weight[:4])
+    tensors = {"features": feats, "phrases": phrases, "boxes": boxes, "tokens": tokens, "hidden": hidden,
+               "k_text": k_text, "v_text": v_text, "out": out, "out_subject_scales": out_scales,
+               "subject_weights": torch.tensor(SUBJECT_WEIGHTS), "to_q": attn.to_q.weight,
+               "to_out_weight": attn.to_out[0].weight, "to_out_bias": attn.to_out[0].bias,
+               "to_k_ip_rows": proc.to_k_ip.weight[:4]}
     save("ms_diffusion", tensors, {**source(root), "scale": "0.6", "layer": "output 2 0 (file index 13)",
                                    "fixture": "ms_diffusion_state_dict(seed=3)",
                                    "batch": "row 0 uncond (zero boxes, zero image prompt), row 1 cond"})
@@ -263,8 +266,8 @@ def ms_diffusion(root: Path) -> None:
 
 
 def flux_inputs(gen: torch.Generator) -> dict[str, torch.Tensor]:
-    return dict(x=randn(gen, 1, 16, *FLUX_LATENT), context=randn(gen, 1, FLUX_TEXT, 4096), y=randn(gen, 1, 768),
-                timestep=torch.tensor([FLUX_SIGMA]), guidance=torch.tensor([FLUX_GUIDANCE]))
+    return {"x": randn(gen, 1, 16, *FLUX_LATENT), "context": randn(gen, 1, FLUX_TEXT, 4096),
+            "y": randn(gen, 1, 768), "timestep": torch.tensor([FLUX_SIGMA]), "guidance": torch.tensor([FLUX_GUIDANCE])}
 
 
 def tiny_flux_fingerprint(dm) -> dict[str, torch.Tensor]:
@@ -370,9 +373,8 @@ def xlabs(root: Path) -> None:
 def mosaic(root: Path) -> None:
     """MOSAIC's transformer_forward (src/flux_omini.py) with its reference LoRA on diffusers' FLUX model: two
     references at inference.py's position deltas, timestep 0 and guidance 1, group mask without ref-to-ref."""
-    from diffusers import FluxPipeline, FluxTransformer2DModel
-
     import comfy.utils
+    from diffusers import FluxPipeline, FluxTransformer2DModel
     from fixtures.reference_loras import mosaic_lora_state_dict
     from fixtures.tiny_models import TINY_FLUX_DIT, tiny_flux
 
@@ -444,6 +446,31 @@ def mosaic(root: Path) -> None:
                                        "references": "2 latents 16x8x8, position_delta [0, -(64 (i + 1)) // 16]"})
 
 
+# --------------------------------------------------------------------------- SigLIP pooled output
+
+
+def siglip() -> None:
+    """transformers' SiglipVisionModel (what InstantX encodes with): its ``pooler_output`` on a tiny model."""
+    import transformers
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    config = SiglipVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                                image_size=56, patch_size=14, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6)
+    torch.manual_seed(106)
+    model = SiglipVisionModel(config).eval()
+    with torch.no_grad():
+        for name, prm in model.named_parameters():  # away from the init so every weight matters
+            prm.add_(torch.randn(prm.shape) * 0.05)
+    gen = torch.Generator().manual_seed(107)
+    pixels = randn(gen, 2, 3, 56, 56)
+    with torch.no_grad():
+        out = model(pixel_values=pixels)
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors.update(pixel_values=pixels, last_hidden_state=out.last_hidden_state, pooler_output=out.pooler_output)
+    save("siglip_pooling", tensors, {"repository": "huggingface/transformers", "commit": f"v{transformers.__version__}",
+                                     "config": config.to_json_string(use_diff=False)})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     for name in ("tencent", "cubiq", "msdiffusion", "instantx", "xflux", "mosaic"):
@@ -466,6 +493,7 @@ def main() -> None:
         xlabs(args.xflux)
     if args.mosaic:
         mosaic(args.mosaic)
+    siglip()
 
 
 if __name__ == "__main__":

@@ -14,8 +14,8 @@ Header metadata: ``format = "troupe.hmoe"``, ``version = "1"``, optionally ``lay
 """
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -58,7 +58,12 @@ def expert(in_dim: int, out_dim: int, operations=nn, dtype=None, device=None) ->
 
 
 class HMoE(nn.Module):
-    """Eqs. 6-8 of 004: per-level experts, a CLS router whose weights sum to 1, and their weighted sum."""
+    """Eqs. 6-8 of 004: per-level experts, one router on all levels' CLS tokens, and their weighted sum.
+
+    Deviation from Eq. 7 (``w_l = Route_l(Phi_l^CLS)``, a router per level): one MLP reads the three CLS tokens
+    concatenated, a superset of per-level routers (it can learn them, and also compare levels before choosing);
+    the key layout ``router.{0,2}`` is what the training toolkit saves.
+    """
 
     def __init__(self, config: HMoEConfig, *, operations=nn, dtype=None, device=None):
         super().__init__()
@@ -81,12 +86,14 @@ class HMoE(nn.Module):
         """Eq. 6 of 004: expert outputs [B, L, G, E] of the full tokens [B, L, G, D]."""
         return torch.stack([e(full_tokens[:, i]) for i, e in enumerate(self.experts)], dim=1)
 
-    def forward(self, hidden: torch.Tensor, override: torch.Tensor | None = None) -> FusionResult:
-        """Eq. 8 of 004: ``sum_l w_l * e_l``; ``override`` [B or 1, L] replaces the routed weights (B.4)."""
+    def forward(self, hidden: torch.Tensor, override: torch.Tensor | None = None,
+                summary: torch.Tensor | None = None) -> FusionResult:
+        """Eq. 8 of 004: ``sum_l w_l * e_l``; ``override`` [B or 1, L] replaces the routed weights (B.4);
+        ``summary`` [B, L, D] replaces token 0 as the router's input (SigLIP has no CLS token: its pooled output)."""
         if hidden.ndim != 4 or hidden.shape[1] != self.config.num_levels:
             raise ValueError(f"expected hierarchical features [B, {self.config.num_levels}, G, D], "
                              f"got {tuple(hidden.shape)}")
-        routed = self.route(hidden[:, :, 0])
+        routed = self.route(hidden[:, :, 0] if summary is None else summary.to(hidden))
         weights = routed if override is None else normalise_weights(override).to(routed).expand_as(routed)
         experts = self.experts_out(hidden)
         fused = torch.einsum("bl,blgd->bgd", weights, experts)

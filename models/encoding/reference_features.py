@@ -1,12 +1,21 @@
 """TROUPE_CLIP_FEATURES: per-subject hierarchical CLIP features, their HMoE fusion and granularity overrides."""
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from .hmoe import HMoE, normalise_weights
+
+
+@dataclass(frozen=True)
+class CropView:
+    """What the adapters read, for one crop geometry: penultimate tokens, projected embeds, pooled output."""
+
+    penultimate: torch.Tensor | None = None
+    image_embeds: torch.Tensor | None = None
+    pooled: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -21,6 +30,11 @@ class ClipFeatures:
     ``penultimate`` [N, G, D] is layer ``depth - 1`` (what MS-Diffusion and IP-Adapter Plus files take),
     always recorded; ``uncond_penultimate`` [1, G, D] and ``uncond_image_embeds`` [1, P] encode an all-zero
     (normalised) image, the unconditional image prompt of IP-Adapter, from the same batched forward.
+    ``crop`` is the geometry of these crops (``clip_features.CROPS``), ``crop_choice`` what the node was asked
+    ("as trained" or a geometry), ``crop_views`` the adapters' inputs for further geometries encoded in the same
+    forward (``for_crop``). ``pooled`` [N, D] is the encoder's pooled output (SigLIP: its attention-pooling head,
+    or the mean token when the file has none; ``pooled_source`` says which) and ``summary`` [N, L, D] what the
+    HMoE router reads per level (CLIP: the CLS token; SigLIP, which has none: the pooled output of each level).
     """
 
     hidden: torch.Tensor
@@ -36,6 +50,12 @@ class ClipFeatures:
     routed: torch.Tensor | None = None
     weights: torch.Tensor | None = None
     fused: torch.Tensor | None = None
+    crop: str = "pad"
+    crop_choice: str = "pad"
+    crop_views: Mapping[str, CropView] = field(default_factory=dict)
+    pooled: torch.Tensor | None = None
+    pooled_source: str = ""
+    summary: torch.Tensor | None = None
 
     @property
     def num_subjects(self) -> int:
@@ -59,6 +79,22 @@ class ClipFeatures:
                              f" set TroupeEncodeSubjects' 'layers' to include {want}")
         return self.hidden[:, self.layers.index(want)]
 
+    def for_crop(self, crop: str) -> ClipFeatures:
+        """These features as an adapter trained on ``crop`` reads them: that geometry's view when it was encoded."""
+        view = self.crop_views.get(crop)
+        if crop == self.crop or view is None:
+            return self
+        return replace(self, crop=crop, penultimate=view.penultimate, image_embeds=view.image_embeds,
+                       pooled=view.pooled)
+
+    def crop_note(self, trained: str) -> str:
+        """One line for a node's report: the geometry used for an adapter trained on ``trained``."""
+        if self.crop == trained:
+            how = "as trained" if self.crop_choice == "as trained" else "chosen, as trained"
+            return f"crop: {self.crop} ({how})"
+        return (f"crop: {self.crop} (the file was trained with '{trained}'; set TroupeEncodeSubjects' crop to "
+                "'as trained' to match)")
+
     def tokens(self) -> torch.Tensor:
         """The reference tokens an adapter attends to: the fused tokens, else the high layer's tokens."""
         return self.fused if self.fused is not None else self.hidden[:, -1]
@@ -71,8 +107,9 @@ def fuse(features: ClipFeatures, fusion: HMoE, override: torch.Tensor | None = N
                          f"{len(features.layers)} layers {features.layers}")
     param = next(fusion.parameters())
     hidden = features.hidden.to(device=param.device, dtype=param.dtype)
+    summary = None if features.summary is None else features.summary.to(device=param.device, dtype=param.dtype)
     with torch.inference_mode():
-        out = fusion(hidden, override=override)
+        out = fusion(hidden, override=override, summary=summary)
     return replace(features, fusion=fusion, routed=out.routed_weights.float().cpu(), weights=out.weights.float().cpu(),
                    fused=out.fused.cpu())
 

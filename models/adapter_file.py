@@ -92,7 +92,10 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
         raise AdapterFormatError(f"{name} could not be read as a tensor file ({_first_line(e)}); it may be "
                                  "truncated or not a weight file: download it again") from None
     out: dict[str, torch.Tensor] = {}
-    _flatten(obj, "", out)
+    try:
+        _flatten(obj, "", out)
+    except AdapterFormatError as e:
+        raise AdapterFormatError(f"{name}: {e}") from None
     return out
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -26,6 +27,14 @@ def _register_pack() -> None:
 
 
 _register_pack()
+
+# hypothesis: the same examples on every run in CI (derandomised); HYPOTHESIS_PROFILE=troupe-explore searches further
+from hypothesis import HealthCheck, settings
+
+settings.register_profile("troupe-ci", derandomize=True, max_examples=150, deadline=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("troupe-explore", max_examples=3000, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "troupe-ci"))
 # the CI machine has 2 vCPUs: torch's default pool makes tiny fixture models 5-30x slower
 import torch
 

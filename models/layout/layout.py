@@ -158,7 +158,9 @@ def axis_coverage(lo: float, hi: float, n: int, edge: EdgeMode) -> torch.Tensor:
     a, b = lo * n, hi * n
     idx = torch.arange(n, dtype=torch.float64)
     if edge == "coverage":
-        cov = (torch.minimum(idx + 1, torch.tensor(b)) - torch.maximum(idx, torch.tensor(a))).clamp(0, 1)
+        # the edges in float64: torch.tensor(float) is float32, which moved an edge by up to 2e-6 of a pixel
+        hi, lo = torch.tensor(b, dtype=torch.float64), torch.tensor(a, dtype=torch.float64)
+        cov = (torch.minimum(idx + 1, hi) - torch.maximum(idx, lo)).clamp(0, 1)
     elif edge == "binary":
         start, end = math.floor(a + 1e-9), math.ceil(b - 1e-9)
         cov = ((idx >= start) & (idx < end)).double()

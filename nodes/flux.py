@@ -3,24 +3,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import comfy.patcher_extension
+import comfy.ldm.modules.attention as comfy_attention
 import torch
 from comfy_api.latest import io
 
 from ..models.adapter_file import Adapter
 from ..models.flux.adapter import INSTANTX, XLABS
-from ..models.flux.patch import (
-    DDS_MODES, IMAGE_ONLY, BlockPatch, FluxInjection, GeometryWrapper, InjectionParams, ReleaseWrapper,
-    check_model_fits,
-)
+from ..models.flux.injection import DDS_MODES, IMAGE_ONLY, InjectionParams
+from ..models.flux.patch import FluxInjection, check_model_fits
 from ..models.layout.layout import Layout
 from ..models.encoding.reference_features import ClipFeatures
 from .errors import error_text, node_error
-from . import types
+from . import lifecycle, types
 
-CATEGORY = "Troupe/flux"
+CATEGORY = "Troupe/apply"
 NODE = "TroupeApplyFLUX"
-WRAPPER_KEY = "troupe_flux"
 
 
 @dataclass(frozen=True)
@@ -85,33 +82,24 @@ def apply_flux(model, adapter: Adapter, features: ClipFeatures, settings: ApplyS
     if layout is not None and len(layout) != n:
         raise node_error(NODE, "layout", f"the layout has {len(layout)} regions but there are {n} subjects; draw one box per "
                              "subject (region i = subject i)")
-    clone = model.clone()
-    diffusion_model = clone.get_model_object("diffusion_model")
+    diffusion_model = model.get_model_object("diffusion_model")
     try:
         nd, ns = check_model_fits(adapter.module, diffusion_model)
     except ValueError as e:
         raise node_error(NODE, "model", str(e)) from None
     inputs = adapter_inputs(adapter, features)
-    sampling = clone.get_model_object("model_sampling")
+    sampling = model.get_model_object("model_sampling")
     params = InjectionParams(weight=settings.weight, subject_weights=weights,
                              sigma_start=float(sampling.percent_to_sigma(settings.start_percent)),
                              sigma_end=float(sampling.percent_to_sigma(settings.end_percent)),
                              dds=settings.branches)
     tokens = adapter.module.reference_tokens(inputs)  # once per apply: it does not depend on the timestep
-    run = FluxInjection(adapter.module, tokens, params, layout, nd, getattr(diffusion_model, "patch_size", 2))
-    dit = clone.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
-    singles = list(diffusion_model.single_blocks)[:ns]  # none for double-only (XLabs) adapters
-    for kind, blocks in (("double", diffusion_model.double_blocks), ("single", singles)):
-        for i, block in enumerate(blocks):
-            previous = dit.get((f"{kind}_block", i))  # the reference branch (or another Apply) patched it first
-            clone.set_model_patch_replace(BlockPatch(run, kind, i, block, previous), "dit", f"{kind}_block", i)
-    mp = comfy.patcher_extension
-    if not mp.get_wrappers_with_key(mp.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, clone.model_options, True):
-        mp.add_wrapper_with_key(mp.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, GeometryWrapper(), clone.model_options,
-                                is_model_options=True)
-    mp.add_wrapper_with_key(mp.WrappersMP.OUTER_SAMPLE, f"{WRAPPER_KEY}_{id(run)}", ReleaseWrapper(run),
-                            clone.model_options, is_model_options=True)
-    return clone
+    flipped = any(getattr(b, "flipped_img_txt", False) for b in diffusion_model.double_blocks)
+    injection = FluxInjection(adapter.module, tokens, params, layout, nd, getattr(diffusion_model, "patch_size", 2),
+                              flipped_img_txt=flipped, attention=comfy_attention.optimized_attention)
+    blocks = [("double_block", i) for i in range(nd)] + [("single_block", i) for i in range(ns)]  # XLabs: ns = 0
+    # a replace patch already at a block (the reference branch, another Apply) keeps running, inside ours
+    return lifecycle.install(model, injection, "flux", dit=blocks, diffusion_model=True)
 
 
 class TroupeApplyFLUX(io.ComfyNode):

@@ -3,25 +3,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import comfy.ldm.flux.math
 import comfy.model_management
 import folder_paths
 import torch
-import torch.nn.functional as F
 from comfy_api.latest import io, ui
 
 from ..models.adapter_file import AdapterFormatError, read_state_dict
-from ..models.reference.dem import Alignment, load_dem
+from ..models.layout.grid import token_grid
 from ..models.reference.branch import (
-    REFERENCE_ATTENTION, LabelNotFound, ReferenceBranch, ReferenceOptions, allowed_matrix, label_positions,
-    prepare_reference_image,
+    REFERENCE_ATTENTION, LabelNotFound, ReferenceBranch, ReferenceOptions, label_positions, prepare_reference_image,
 )
-from ..models.reference.blocks import find_branch, install
-from ..models.layout.layout import PALETTE
+from ..models.reference.dem import Alignment, insert_positions, load_dem
+from ..models.reference.hooks import ReferencePatch
 from ..models.reference.lora import FluxDims, load_reference_lora
+from ..models.reference.mask_preview import draw_attention_mask
 from .errors import error_text, node_error
-from . import paths, types
+from . import lifecycle, paths, types
 
-CATEGORY = "Troupe/flux"
+CATEGORY = "Troupe/apply"
+PREVIEW_CATEGORY = "Troupe/flux"
 NODE = "TroupeReferenceBranch"
 NONE = "none"
 
@@ -108,6 +109,19 @@ def read_dem(name: str, label_pos: list[list[int]], n_t5: int) -> Alignment:
     return Alignment(dem, label_pos, n_t5)
 
 
+def reference_patches(model) -> list[ReferencePatch]:
+    """The reference branches already on a model, outermost first."""
+    return [p for p in lifecycle.installed(model).values() if isinstance(p, ReferencePatch)]
+
+
+def install_branch(model, branch: ReferenceBranch, attention=comfy.ldm.flux.math.attention):
+    """A clone of ``model`` with the branch on every double and single block and the model function."""
+    dit = branch.dit
+    blocks = [("double_block", i) for i in range(len(dit.double_blocks))]
+    blocks += [("single_block", i) for i in range(len(dit.single_blocks))]
+    return lifecycle.install(model, ReferencePatch(branch, attention), "reference", dit=blocks, model_function=True)
+
+
 def reference_branch(model, vae, subjects, inputs: BranchInputs, layout=None, clip=None):
     """Patched clone of a FLUX model with the subjects' reference stream; returns (model, report)."""
     dit = flux_dit(model)
@@ -120,6 +134,11 @@ def reference_branch(model, vae, subjects, inputs: BranchInputs, layout=None, cl
     if getattr(vae, "latent_channels", dit.params.in_channels) != dit.params.in_channels:
         raise node_error(NODE, "vae", f"the VAE makes {vae.latent_channels}-channel latents, the model takes "
                           f"{dit.params.in_channels}; use the FLUX VAE (ae.safetensors)")
+    earlier = reference_patches(model)
+    if earlier and (inputs.dem_name != NONE or any(p.branch.dem is not None for p in earlier)):
+        raise node_error(NODE, "dem_name", "a reference branch with S* + DEM rewrites the prompt tokens, so it cannot be "
+                                           "chained with another reference branch; put every subject in one "
+                                           "TroupeReferenceBranch, or set dem_name to none on both")
     tokenizer = t5_tokenizer(clip)
     positions, n_t5 = find_labels(tokenizer, inputs.prompt, [s.label for s in subjects])
     lora = read_lora(inputs.lora_name, dit) if inputs.lora_name != NONE else None
@@ -134,12 +153,11 @@ def reference_branch(model, vae, subjects, inputs: BranchInputs, layout=None, cl
                              region_masks=region_masks, lora=lora, dem=dem,
                              compute_dtype=getattr(base, "manual_cast_dtype", None) or base.get_dtype(),
                              n_txt_hint=n_t5 + (len(subjects) if dem is not None else 0))
-    import comfy.ldm.flux.math
-
-    patched = model.clone()
-    install(patched, branch, comfy.ldm.flux.math.attention)
+    patched = install_branch(model, branch)
     lines = [f"{len(latents)} reference(s) of {len(subjects)} subject(s) at {inputs.reference_size}px, "
              f"t_ref={opts.timestep}, attention={opts.attention}"]
+    if earlier:
+        lines.append(f"joins {len(earlier)} reference branch(es) already on the model (one joint attention)")
     for s, p in zip(subjects, positions):
         lines.append(f"  {s.label!r}: T5 tokens {p}")
     lines.append(f"LoRA: {lora.summary() if lora else 'none (base weights on the reference tokens)'}")
@@ -149,33 +167,18 @@ def reference_branch(model, vae, subjects, inputs: BranchInputs, layout=None, cl
 
 
 def mask_preview(model, width: int, height: int, size: int = 768) -> torch.Tensor:
-    """IMAGE [1, size, size, 3] of the joint attention mask: rows query, columns key; black = blocked."""
-    branch = find_branch(model.model_options)
-    if branch is None:
+    """IMAGE [1, size, size, 3] of the joint attention mask of the model's (outermost) reference branch."""
+    patches = reference_patches(model)
+    if not patches:
         raise ValueError("TroupeAttentionMaskPreview: input 'model': no reference branch in this model; connect the "
                          "MODEL output of TroupeReferenceBranch")
-    grid = ((height // 8 + 1) // 2, (width // 8 + 1) // 2)
+    branch = patches[0].branch
+    grid = token_grid(height // 8, width // 8, branch.patch)
     positions = branch.concept_positions
     if branch.dem is not None:
-        from ..models.reference.dem import insert_positions
-
         positions = insert_positions(branch.dem.label_positions)[1]
     spec = branch.mask_spec(branch.n_txt_hint, grid[0] * grid[1], grid, positions)
-    allowed = allowed_matrix(spec).float()
-    segs = spec.segments()
-    colours = torch.ones(spec.length, 3)
-    colours[: spec.n_txt] = torch.tensor([0.6, 0.6, 0.6])
-    for r, (_, s, e) in enumerate(segs[2:]):
-        hexc = PALETTE[spec.ref_subject[r] % len(PALETTE)]
-        colours[s:e] = torch.tensor([int(hexc[i:i + 2], 16) / 255 for i in (1, 3, 5)])
-    img = allowed[..., None] * colours[None, :, :]
-    img = F.adaptive_avg_pool2d(img.permute(2, 0, 1)[None], (min(size, spec.length),) * 2)
-    img = F.interpolate(img, size=(size, size), mode="nearest")[0]
-    for _, s, _e in segs[1:]:
-        p = int(round(s * size / spec.length))
-        img[:, max(0, p - 1):p + 1, :] = torch.tensor([1.0, 0.85, 0.0])[:, None, None]
-        img[:, :, max(0, p - 1):p + 1] = torch.tensor([1.0, 0.85, 0.0])[:, None, None]
-    return img.permute(1, 2, 0)[None].clamp(0, 1)
+    return draw_attention_mask(spec, size)
 
 
 # --------------------------------------------------------------------------- nodes
@@ -196,7 +199,8 @@ class TroupeReferenceBranch(io.ComfyNode):
                         "subject, VAE-encoded) joins every block as extra tokens with its own timestep, an optional "
                         "reference-only LoRA (MOSAIC's subject_512.safetensors or Troupe's layout), non-overlapping "
                         "RoPE positions and a joint attention mask (no reference-to-reference attention; optional "
-                        "selective text mask, Eq. 6 of AlignGen, and layout regions). Returns a patched copy.",
+                        "selective text mask, Eq. 6 of AlignGen, and layout regions). Returns a patched copy; "
+                        "chained after another reference branch, both sets of references join one attention.",
             inputs=[
                 io.Model.Input("model", tooltip="A FLUX.1 model (dev or schnell). It is cloned, never changed."),
                 io.Vae.Input("vae", tooltip="The FLUX VAE (ae.safetensors) that encodes the reference images."),
@@ -247,8 +251,8 @@ class TroupeReferenceBranch(io.ComfyNode):
         files = _files()
         for name, value in (("lora_name", lora_name), ("dem_name", dem_name)):
             if value not in files:
-                return (f"{NODE}: input '{name}': no file '{value}' in models/troupe; put it there and refresh (R), "
-                        "or pick 'none'")
+                return error_text(NODE, name, f"no file '{value}' in models/troupe; put it there and refresh (R), "
+                                              "or pick 'none'")
         if reference_attention not in REFERENCE_ATTENTION:
             return error_text(NODE, "reference_attention", f"expected one of {REFERENCE_ATTENTION}, got {reference_attention!r}")
         return True
@@ -272,7 +276,7 @@ class TroupeAttentionMaskPreview(io.ComfyNode):
         return io.Schema(
             node_id="TroupeAttentionMaskPreview",
             display_name="Troupe Attention Mask Preview",
-            category=CATEGORY,
+            category=PREVIEW_CATEGORY,
             description="Draws the joint attention mask of a reference-branch model: rows are queries, columns keys, "
                         "in the order text | image | reference 1 | reference 2 ...; grey = text, white = image, "
                         "subject colours = references, black = blocked; yellow lines separate the parts.",

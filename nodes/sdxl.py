@@ -2,24 +2,23 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
-import comfy.patcher_extension
+import comfy.ldm.modules.attention as comfy_attention
 import torch
 from comfy_api.latest import io
 
 from ..models.layout.layout import Layout
 from ..models.encoding.reference_features import ClipFeatures
 from ..models.sdxl.patch import (
-    BLOCK_CHOICES, ROUTING_MODES, LayerKey, RegionalAttentionPatch, RegionalParams, check_widths, layer_keys_for,
-    route_gates,
+    BLOCK_CHOICES, LayerKey, RegionalAttentionPatch, RegionalParams, check_widths, layer_keys_for, route_gates,
 )
+from ..models.sdxl.router import MODES, router_time
 from .errors import error_text, node_error
-from . import types
+from . import lifecycle, types
 
-CATEGORY = "Troupe/adapters"
+CATEGORY = "Troupe/apply"
 NODE = "TroupeApplySDXL"
-WRAPPER_KEY = "troupe_sdxl_regional"
-
 
 
 # --------------------------------------------------------------------------- inputs
@@ -90,8 +89,6 @@ def attention_widths(model) -> dict[LayerKey, tuple[int, int]]:
 def apply_sdxl(model, adapter, features: ClipFeatures, layout: Layout, params: RegionalParams, clip=None,
                start_percent: float = 0.0, end_percent: float = 1.0):
     """Return a patched clone of ``model`` (active from start to end percent); the model passed in is untouched."""
-    import comfy.ldm.modules.attention as comfy_attention
-
     if getattr(adapter, "family", None) != "sdxl":
         raise node_error(NODE, "adapter", f"expected an SDXL adapter, got a {getattr(adapter, 'family', type(adapter).__name__)}"
                               " one; load an MS-Diffusion, R^3 or IP-Adapter SDXL file with TroupeLoadAdapter")
@@ -137,30 +134,10 @@ def apply_sdxl(model, adapter, features: ClipFeatures, layout: Layout, params: R
     sampling = model.get_model_object("model_sampling")
     params = dataclasses.replace(params, sigma_start=float(sampling.percent_to_sigma(start_percent)),
                                  sigma_end=float(sampling.percent_to_sigma(end_percent)))
-
-    def sigma_to_t(sigma: float) -> float:
-        return float(sampling.timestep(torch.tensor([sigma], dtype=torch.float32))[0]) / 1000.0
-
-    existing = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
-    previous = {k: existing.get(k) or existing.get(k[:2]) for k in keys}  # e.g. another adapter: it keeps working
     patch = RegionalAttentionPatch(module, tokens, layout, params, uncond_tokens=uncond,
-                                   attention=comfy_attention.optimized_attention, sigma_to_t=sigma_to_t,
-                                   previous={k: p for k, p in previous.items() if p is not None})
-    m = model.clone()
-    for block, idx, j in keys:
-        m.set_model_attn2_replace(patch, block, idx, j)
-
-    def run_scope(executor, *args, **kwargs):
-        """Build the patch's cache lazily inside each run and drop it after, even when interrupted."""
-        patch.clear()
-        try:
-            return executor(*args, **kwargs)
-        finally:
-            patch.clear()
-
-    m.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY)
-    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, run_scope)
-    return m
+                                   attention=comfy_attention.optimized_attention,
+                                   sigma_to_t=functools.partial(router_time, sampling))
+    return lifecycle.install(model, patch, "sdxl", attn2=keys)  # an earlier attn2 replace keeps giving the text term
 
 
 # --------------------------------------------------------------------------- node
@@ -194,7 +171,7 @@ class TroupeApplySDXL(io.ComfyNode):
                 io.Combo.Input("blocks", options=list(BLOCK_CHOICES), default="down+mid",
                                tooltip="Which cross-attention layers to patch: down + mid (A.2 of R^3), all, or "
                                        "one part."),
-                io.Combo.Input("routing", options=list(ROUTING_MODES), default="learned",
+                io.Combo.Input("routing", options=list(MODES), default="learned",
                                tooltip="How the four token levels are weighted per step: learned (the file's "
                                        "router), static (25% each), manual (the schedule string)."),
                 io.String.Input("schedule", default="",
@@ -217,8 +194,8 @@ class TroupeApplySDXL(io.ComfyNode):
         """At queue time: 0.3.75 does not check V3 combo values itself."""
         if blocks not in BLOCK_CHOICES:
             return error_text(NODE, "blocks", f"expected one of {', '.join(BLOCK_CHOICES)}, got {blocks!r}")
-        if routing not in ROUTING_MODES:
-            return error_text(NODE, "routing", f"expected one of {', '.join(ROUTING_MODES)}, got {routing!r}")
+        if routing not in MODES:
+            return error_text(NODE, "routing", f"expected one of {', '.join(MODES)}, got {routing!r}")
         return True
 
     @classmethod

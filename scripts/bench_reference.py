@@ -71,8 +71,8 @@ def patched_model(base, refs: int, rank: int, attention: str):
     import torch
 
     from comfyui_troupe.models.reference.branch import ReferenceBranch, ReferenceOptions
-    from comfyui_troupe.models.reference.blocks import install
     from comfyui_troupe.models.reference.lora import FluxDims, load_reference_lora, mosaic_targets
+    from comfyui_troupe.nodes.reference_branch import install_branch
 
     dit = base.model.diffusion_model
     g = torch.Generator().manual_seed(1)
@@ -84,9 +84,7 @@ def patched_model(base, refs: int, rank: int, attention: str):
         sd[f"transformer.{name}.lora_B.weight"] = torch.randn(rows, rank, generator=g) * 0.01
     branch = ReferenceBranch(dit=dit, latents=lats, ref_subject=list(range(refs)),
                              options=ReferenceOptions(attention=attention), lora=load_reference_lora(sd, dims))
-    m = base.clone()
-    install(m, branch, comfy.ldm.flux.math.attention)
-    return m
+    return install_branch(base, branch, comfy.ldm.flux.math.attention)
 
 
 def main() -> None:

@@ -15,6 +15,8 @@ Prints a markdown table (the README's ``### Measured``).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import os
 import sys
 import time
@@ -111,9 +113,10 @@ def peer_model(base, adapter, peer_dir: Path, boxes, size: int, sigma_start: flo
     return m
 
 
-def forward(patcher, x, sigma, context, y):
-    """One UNet evaluation as the sampler makes it (transformer options with sigmas and cond_or_uncond)."""
-    to = dict(patcher.model_options["transformer_options"])
+def forward(patcher, x, sigma, context, y, run_options=None):
+    """One UNet evaluation as the sampler makes it (transformer options with sigmas and cond_or_uncond);
+    ``run_options``: the options of a run (``lifecycle.model_call_scope``), so the per-run cache is kept."""
+    to = dict(run_options if run_options is not None else patcher.model_options["transformer_options"])
     to.update(sigmas=sigma, cond_or_uncond=[0], sample_sigmas=sigma)
     with torch.inference_mode():
         t = patcher.model.model_sampling.timestep(sigma).float()
@@ -137,9 +140,11 @@ def main() -> int:
     from fixtures.tiny_models import ensure_comfy
 
     ensure_comfy()
+    from comfyui_troupe.models.layout.grid import grid_of_tokens
     from comfyui_troupe.models.layout.layout import Layout, Region
-    from comfyui_troupe.models.sdxl.patch import RegionalAttentionPatch, RegionalParams, layer_keys_for, token_grid
-    from comfyui_troupe.nodes import sdxl as node
+    from comfyui_troupe.models.sdxl.patch import RegionalAttentionPatch, RegionalParams, layer_keys_for
+    from comfyui_troupe.models.sdxl.router import router_time
+    from comfyui_troupe.nodes import lifecycle, sdxl as node
     import comfy.ldm.modules.attention as comfy_attention
 
     t0 = time.perf_counter()
@@ -163,7 +168,7 @@ def main() -> int:
         spent[name] = 0.0
         with PeakRSS() as peak:
             t = time.perf_counter()
-            forward(patcher, x, sigma, context, y)
+            forward(patcher, x, sigma, context, y, run_options.get(name))
             return time.perf_counter() - t, peak.growth
 
     def timing(name, fn):
@@ -175,25 +180,26 @@ def main() -> int:
         return wrapped
 
     counts = [int(s) for s in args.subjects.split(",")]
-    models, setups = {}, {}
+    models, setups, run_options = {}, {}, {}
+    scopes = contextlib.ExitStack()  # one run per patched model, held over all rounds (its cache built once)
     for n in counts:
         boxes = [((i % 4) / 4, (i // 4) / 2, (i % 4) / 4 + 0.3, (i // 4) / 2 + 0.55) for i in range(n)]
         layout = Layout(args.size, args.size, tuple(Region(box=tuple(min(v, 1.0) for v in b)) for b in boxes))
         tokens = torch.randn(n, 4, 16, 2048, generator=gen)
         params = RegionalParams(weight=0.6, blocks=args.blocks, routing="learned")
         patch = RegionalAttentionPatch(adapter, tokens, layout, params, attention=comfy_attention.optimized_attention,
-                                       sigma_to_t=lambda s: float(sampling.timestep(torch.tensor([s]))[0]) / 1000)
-        m = base.clone()
+                                       sigma_to_t=functools.partial(router_time, sampling))
         keys = layer_keys_for(adapter, args.blocks)
-        for k in keys:
-            m.set_model_attn2_replace(patch, *k)
+        m = lifecycle.install(base, patch, "sdxl", attn2=keys)
+        run_options[n] = scopes.enter_context(lifecycle.model_call_scope(m))
+        run = next(iter(run_options[n][lifecycle.RUNS].values())).cache
         t = time.perf_counter()
         with torch.inference_mode():  # what the first call of a run builds: K/V per layer, masks per grid
             for k in keys:
-                patch._projections(k, x.device, x.dtype)
+                patch.projections(run, k, x.device, x.dtype)
             for f in (2, 4):
-                patch._masks(*token_grid((lat // f) ** 2, lat, lat), x.device)
-        cache = sum(v.numel() * v.element_size() for e in patch.cache.values() if isinstance(e, dict)
+                patch.masks(run, *grid_of_tokens((lat // f) ** 2, lat, lat), x.device)
+        cache = sum(v.numel() * v.element_size() for e in run.values() if isinstance(e, dict)
                     for v in e.values() if isinstance(v, torch.Tensor))
         setups[n] = (time.perf_counter() - t, cache, len(keys))
         patch.image_attention = timing(n, patch.image_attention)
@@ -218,6 +224,7 @@ def main() -> int:
                 shares.setdefault(name, []).append(spent[name] / s)
             print(f"[bench] round {r + 1} {name}: {s:.2f} s, peak +{mem / 2**20:.0f} MiB"
                   + (f", image attention {spent[name]:.2f} s" if name != "base" else ""), flush=True)
+    scopes.close()
     base_s, base_mem = min(times["base"]), max(mems["base"])
     rows = [(n, min(times[n]), max(mems[n]), sorted(shares[n])[len(shares[n]) // 2], *setups[n]) for n in counts]
 

@@ -1,22 +1,25 @@
-"""FLUX reference branch, running: the per-call reference stream, the block maths and the patch objects.
+"""FLUX reference branch, block maths: the per-call reference stream, the joint attention and the blocks.
 
 Text and noisy-image tokens are computed with each block's own modules and ComfyUI's arithmetic, exactly
-as the base block computes them; only what they may attend to changes (the joint mask of
-``flux_reference``). References use the image modules plus the reference-only LoRA, with their own
-modulation vector (MOSAIC, 003; Eq. 2 and Eq. 6 of AlignGen, 002). Plain torch: the DiT, its blocks and
-the attention function (ComfyUI's ``comfy.ldm.flux.math.attention``) are handed in.
+as the base block computes them; only what they may attend to changes (the joint mask of ``branch.py``).
+References use the image modules plus the reference-only LoRA, with their own modulation vector (MOSAIC,
+003; Eq. 2 and Eq. 6 of AlignGen, 002). Several streams (chained reference branches) join one joint
+attention, each reference seeing only itself, the text and the image. Plain torch: the DiT, its blocks and
+the attention function (ComfyUI's ``comfy.ldm.flux.math.attention``, so the user's backend runs it) are
+handed in; the hooks that run these blocks are in ``hooks.py``.
 
 Axis legend: B batch, T text tokens, N image tokens, R reference tokens (all references), D hidden.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .branch import (STATE_KEY, AttentionFn, ReferenceBranch, ReferenceOptions, additive_mask,
-                             apply_rope, patchify, reference_positions, timestep_embedding, token_grid)
+from .branch import (AttentionFn, ReferenceBranch, ReferenceOptions, additive_mask, apply_rope, patchify,
+                     reference_positions, timestep_embedding)
 from .lora import ReferenceLoRA
 
 
@@ -37,7 +40,8 @@ class Stream:
     item_positions: list | None = None  # per batch item: concept positions per subject (None: the branch's)
     item_blocked: list | None = None  # per batch item: text columns nobody attends
     n_txt: int | None = None
-    masks: dict = field(default_factory=dict)
+    masks: dict = field(default_factory=dict)  # the run's masks of this branch (shared by the run's calls)
+    joint_masks: dict = field(default_factory=dict)  # this call's masks over several streams
 
     @property
     def unmasked(self) -> bool:
@@ -48,7 +52,8 @@ class Stream:
         return (not o.selective_text and not (o.region and b.region_masks is not None)
                 and all(w == 1.0 for w in (b.subject_weights or ())) and not any(self.item_blocked or ()))
 
-    def mask(self, n_txt: int, n_img: int, base_mask: torch.Tensor | None, batch: int, dtype, device):
+    def mask(self, n_txt: int, n_img: int, batch: int, dtype, device) -> torch.Tensor:
+        """This stream's additive mask [B, T + N + R, T + N + R] (Eq. 6 of 002), built once per run and shape."""
         key = (n_txt, n_img, batch, self.img_grid, repr(self.item_positions), repr(self.item_blocked), dtype,
                str(device))
         if key not in self.masks:
@@ -63,13 +68,42 @@ class Stream:
                     built[k] = additive_mask(spec, dtype=dtype, device=device)
                 rows.append(built[k])
             self.masks[key] = torch.stack(rows)
-        m = self.masks[key]
-        if base_mask is not None:  # a mask another patch set over [text | image]: keep it
-            bm = base_mask[:, 0] if base_mask.ndim == 4 else base_mask
-            bm = (bm[None] if bm.ndim == 2 else bm).expand(batch, -1, -1)
-            m = m.clone()
-            m[:, : bm.shape[-2], : bm.shape[-1]] += bm.to(m.dtype)
-        return m
+        return self.masks[key]
+
+
+def joint_mask(streams: Sequence[Stream], queries: Sequence[bool], n_txt: int, n_img: int,
+               base_mask: torch.Tensor | None, batch: int, dtype, device) -> torch.Tensor:
+    """The additive mask of ``[txt | img | refs of stream 1 | ...]``: rows text, image and the references of the
+    streams with ``queries``, columns everything; each stream's own mask, references of two streams blocked
+    from each other, and a mask another patch set over ``[text | image]`` added."""
+    n_base = n_txt + n_img
+    own = [s.mask(n_txt, n_img, batch, dtype, device) for s in streams]
+    if len(own) == 1 and queries[0]:
+        m = own[0]
+    else:
+        key = (n_txt, n_img, batch, tuple(queries), dtype, str(device))
+        cache = streams[0].joint_masks
+        if key not in cache:
+            lengths = [o.shape[-1] - n_base for o in own]
+            rows = n_base + sum(n for n, q in zip(lengths, queries) if q)
+            m = torch.full((batch, rows, n_base + sum(lengths)), float("-inf"), dtype=dtype, device=device)
+            m[:, :n_base, :n_base] = sum(o[:, :n_base, :n_base] for o in own)
+            r, c = n_base, n_base
+            for o, n, q in zip(own, lengths, queries):
+                m[:, :n_base, c:c + n] = o[:, :n_base, n_base:]
+                if q:
+                    m[:, r:r + n, :n_base] = o[:, n_base:, :n_base]
+                    m[:, r:r + n, c:c + n] = o[:, n_base:, n_base:]
+                    r += n
+                c += n
+            cache[key] = m
+        m = cache[key]
+    if base_mask is not None:  # a mask another patch set over [text | image]: keep it
+        bm = base_mask[:, 0] if base_mask.ndim == 4 else base_mask
+        bm = (bm[None] if bm.ndim == 2 else bm).expand(batch, -1, -1)
+        m = m.clone()
+        m[:, : bm.shape[-2], : bm.shape[-1]] += bm.to(m.dtype)
+    return m
 
 
 def _silu_vec(vec: torch.Tensor) -> torch.Tensor:
@@ -95,31 +129,42 @@ def _heads(qkv: torch.Tensor, heads: int):
     return q, k, v
 
 
-def joint_attention(stream: Stream, q, k, v, pe, rq, rk, rv, n_txt: int, attn_mask, attention: AttentionFn,
+# (stream, reference q or None when the K/V come rotated from the self_cached pass, k, v)
+RefQKV = tuple[Stream, "torch.Tensor | None", torch.Tensor, torch.Tensor]
+
+
+def joint_attention(refs: Sequence[RefQKV], q, k, v, pe, n_txt: int, attn_mask, attention: AttentionFn,
                     transformer_options=None) -> torch.Tensor:
-    """Attention of ``[txt | img]`` (q, k, v, RoPE pe) and the references (rq, rk, rv; rq None when the K/V
-    come rotated from the self_cached pass) under the joint mask: [B, T + N (+ R), H*d]."""
+    """Attention of ``[txt | img]`` (q, k, v, RoPE pe) and every stream's references under the joint mask:
+    [B, T + N + R (the references with queries), H*d]."""
     n_base, batch = q.shape[2], q.shape[0]
-    plain = stream.unmasked and attn_mask is None
-    mask = None if plain else stream.mask(n_txt, n_base - n_txt, attn_mask, batch, q.dtype, q.device)
-    if rq is None:  # self_cached: base queries over [base | cached reference K/V]
-        return attention(apply_rope(q, pe), torch.cat((apply_rope(k, pe), rk), 2), torch.cat((v, rv), 2), pe=None,
-                         mask=None if plain else mask[:, :n_base], transformer_options=transformer_options)
+    streams = [r[0] for r in refs]
+    plain = attn_mask is None and all(s.unmasked for s in streams)
+    qr, kr = apply_rope(q, pe), apply_rope(k, pe)
+    rq = [None if r[1] is None else apply_rope(r[1], r[0].pe) for r in refs]
+    rk = [r[2] if r[1] is None else apply_rope(r[2], r[0].pe) for r in refs]
+    keys, values = torch.cat([kr, *rk], 2), torch.cat([v, *(r[3] for r in refs)], 2)
     if not plain:
-        return attention(torch.cat((q, rq), 2), torch.cat((k, rk), 2), torch.cat((v, rv), 2),
-                         pe=torch.cat((pe, stream.pe), 2), mask=mask, transformer_options=transformer_options)
-    q, k = apply_rope(q, pe), apply_rope(k, pe)
-    rq, rk = apply_rope(rq, stream.pe), apply_rope(rk, stream.pe)
-    outs = [attention(q, torch.cat((k, rk), 2), torch.cat((v, rv), 2), pe=None, mask=None,
-                      transformer_options=transformer_options)]
-    self_only, start = stream.branch.options.attention == "self_cached", 0
-    for h, w in stream.branch.grids():  # each reference: itself (+ text and image), never another reference
-        sl = slice(start, start + h * w)
-        start += h * w
-        keys, values = (rk[:, :, sl], rv[:, :, sl]) if self_only else (
-            torch.cat((k, rk[:, :, sl]), 2), torch.cat((v, rv[:, :, sl]), 2))
-        outs.append(attention(rq[:, :, sl], keys, values, pe=None, mask=None, transformer_options=transformer_options))
+        mask = joint_mask(streams, [r is not None for r in rq], n_txt, n_base - n_txt, attn_mask, batch, q.dtype,
+                          q.device)
+        return attention(torch.cat([qr, *(r for r in rq if r is not None)], 2), keys, values, pe=None, mask=mask,
+                         transformer_options=transformer_options)
+    outs = [attention(qr, keys, values, pe=None, mask=None, transformer_options=transformer_options)]
+    for (stream, _, _, rv), q_s, k_s in zip(refs, rq, rk):
+        if q_s is None:
+            continue
+        self_only, start = stream.branch.options.attention == "self_cached", 0
+        for h, w in stream.branch.grids():  # each reference: itself (+ text and image), never another reference
+            sl = slice(start, start + h * w)
+            start += h * w
+            ks, vs = (k_s[:, :, sl], rv[:, :, sl]) if self_only else (
+                torch.cat((kr, k_s[:, :, sl]), 2), torch.cat((v, rv[:, :, sl]), 2))
+            outs.append(attention(q_s[:, :, sl], ks, vs, pe=None, mask=None, transformer_options=transformer_options))
     return torch.cat(outs, dim=1)
+
+
+def as_streams(streams: Stream | Sequence[Stream]) -> list[Stream]:
+    return [streams] if isinstance(streams, Stream) else list(streams)
 
 
 def _check_block(block) -> None:
@@ -149,10 +194,11 @@ def double_reference_out(block, ref, m, attn, stream: Stream, name: str):
     return ref + m[5] * h
 
 
-def double_block(block, index: int, img, txt, vec, pe, attn_mask, stream: Stream, attention: AttentionFn,
-                 transformer_options=None):
+def double_block(block, index: int, img, txt, vec, pe, attn_mask, streams: Stream | Sequence[Stream],
+                 attention: AttentionFn, transformer_options=None):
     """One FLUX double block over ``[txt | img | refs]``: txt and img exactly as the base block computes them."""
     _check_block(block)
+    streams = as_streams(streams)
     name = f"double_blocks.{index}"
     img_mod1, img_mod2 = block.img_mod(vec)
     txt_mod1, txt_mod2 = block.txt_mod(vec)
@@ -166,20 +212,28 @@ def double_block(block, index: int, img, txt, vec, pe, attn_mask, stream: Stream
     q = torch.cat((txt_q, img_q), dim=2)
     k = torch.cat((txt_k, img_k), dim=2)
     v = torch.cat((txt_v, img_v), dim=2)
-    ref_out = None
-    if stream.kv is not None:  # self_cached: reference K/V fixed for the run, no reference queries
-        rk, rv = stream.kv[("double", index)]
-        attn = joint_attention(stream, q, k, v, pe, None, rk, rv, n_txt, attn_mask, attention, transformer_options)
-    else:
-        m, rq, rk, rv = double_reference_qkv(block, stream.x, stream, name)
-        attn = joint_attention(stream, q, k, v, pe, rq, rk, rv, n_txt, attn_mask, attention, transformer_options)
-        ref_out = double_reference_out(block, stream.x, m, attn[:, n_txt + n_img:], stream, name)
+    refs, mods = [], []
+    for stream in streams:
+        if stream.kv is not None:  # self_cached: reference K/V fixed for the run, no reference queries
+            refs.append((stream, None, *stream.kv[("double", index)]))
+            mods.append(None)
+        else:
+            m, rq, rk, rv = double_reference_qkv(block, stream.x, stream, name)
+            refs.append((stream, rq, rk, rv))
+            mods.append(m)
+    attn = joint_attention(refs, q, k, v, pe, n_txt, attn_mask, attention, transformer_options)
+    outs, start = [], n_txt + n_img
+    for (stream, rq, _, _), m in zip(refs, mods):
+        if rq is not None:
+            n = rq.shape[2]
+            outs.append((stream, double_reference_out(block, stream.x, m, attn[:, start:start + n], stream, name)))
+            start += n
     txt_attn, img_attn = attn[:, :n_txt], attn[:, n_txt:n_txt + n_img]
     img = img + img_mod1.gate * block.img_attn.proj(img_attn)
     img = img + img_mod2.gate * block.img_mlp(torch.addcmul(img_mod2.shift, block.img_norm2(img), 1 + img_mod2.scale))
     txt = txt + txt_mod1.gate * block.txt_attn.proj(txt_attn)
     txt = txt + txt_mod2.gate * block.txt_mlp(torch.addcmul(txt_mod2.shift, block.txt_norm2(txt), 1 + txt_mod2.scale))
-    if ref_out is not None:
+    for stream, ref_out in outs:
         stream.x = ref_out
     return img, txt
 
@@ -204,10 +258,11 @@ def single_reference_out(block, ref, m, attn, mlp, stream: Stream, name: str):
     return ref + m[2] * out
 
 
-def single_block(block, index: int, x, vec, pe, attn_mask, n_txt: int, stream: Stream, attention: AttentionFn,
-                 transformer_options=None):
+def single_block(block, index: int, x, vec, pe, attn_mask, n_txt: int, streams: Stream | Sequence[Stream],
+                 attention: AttentionFn, transformer_options=None):
     """One FLUX single block over ``[txt | img | refs]`` (x = [txt | img] as ComfyUI passes it)."""
     _check_block(block)
+    streams = as_streams(streams)
     name = f"single_blocks.{index}"
     mod, _ = block.modulation(vec)
     qkv, mlp = torch.split(block.linear1(torch.addcmul(mod.shift, block.pre_norm(x), 1 + mod.scale)),
@@ -215,17 +270,26 @@ def single_block(block, index: int, x, vec, pe, attn_mask, n_txt: int, stream: S
     q, k, v = _heads(qkv, block.num_heads)
     q, k = block.norm(q, k, v)
     n = x.shape[1]
-    ref_out = None
-    if stream.kv is not None:
-        rk, rv = stream.kv[("single", index)]
-        attn = joint_attention(stream, q, k, v, pe, None, rk, rv, n_txt, attn_mask, attention, transformer_options)
-    else:
-        m, rq, rk, rv, rmlp = single_reference_in(block, stream.x, stream, name)
-        attn = joint_attention(stream, q, k, v, pe, rq, rk, rv, n_txt, attn_mask, attention, transformer_options)
-        ref_out = single_reference_out(block, stream.x, m, attn[:, n:], rmlp, stream, name)
+    refs, parts = [], []
+    for stream in streams:
+        if stream.kv is not None:
+            refs.append((stream, None, *stream.kv[("single", index)]))
+            parts.append(None)
+        else:
+            m, rq, rk, rv, rmlp = single_reference_in(block, stream.x, stream, name)
+            refs.append((stream, rq, rk, rv))
+            parts.append((m, rmlp))
+    attn = joint_attention(refs, q, k, v, pe, n_txt, attn_mask, attention, transformer_options)
+    outs, start = [], n
+    for (stream, rq, _, _), part in zip(refs, parts):
+        if rq is not None:
+            r = rq.shape[2]
+            outs.append((stream, single_reference_out(block, stream.x, part[0], attn[:, start:start + r], part[1],
+                                                      stream, name)))
+            start += r
     out = block.linear2(torch.cat((attn[:, :n], block.mlp_act(mlp)), 2))
     x = x + mod.gate * out
-    if ref_out is not None:
+    for stream, ref_out in outs:
         stream.x = ref_out
     return x
 
@@ -253,8 +317,9 @@ def reference_tokens(branch: ReferenceBranch, lora: ReferenceLoRA | None, dtype,
     return _lin(branch.dit.img_in, tokens, lora, "img_in", branch.options.lora_strength)
 
 
-def reference_pe(branch: ReferenceBranch, batch: int, device) -> torch.Tensor:
-    ids = torch.cat(reference_positions(branch.grids()), dim=0).to(device)
+def reference_pe(branch: ReferenceBranch, batch: int, device, column_offset: int = 0) -> torch.Tensor:
+    """The references' RoPE table: positions left of the image and of ``column_offset`` columns of other streams."""
+    ids = torch.cat(reference_positions(branch.grids(), column_offset), dim=0).to(device)
     return branch.dit.pe_embedder(ids[None].expand(batch, -1, -1))
 
 
@@ -283,178 +348,3 @@ def self_cached_kv(branch: ReferenceBranch, stream: Stream, attention: Attention
         x = single_reference_out(block, x, m, own(apply_rope(q, stream.pe), k_rot, v), mlp, stream,
                                  f"single_blocks.{i}")
     return kv
-
-
-def prepare_stream(branch: ReferenceBranch, x: torch.Tensor, y: torch.Tensor | None, attention: AttentionFn,
-                   run_token=None, transformer_options=None, item_positions=None, item_blocked=None) -> Stream:
-    """The reference stream for one model call on noisy latents x [B, C, H, W] (once-per-run parts cached).
-
-    ``run_token`` identifies the sampling run (ComfyUI's ``sample_sigmas`` tensor): the embedded reference
-    tokens and, in the ``self_cached`` mode, every block's reference K/V are computed once per run and
-    condition (pooled vector), then reused at every step.
-    """
-    dtype, device, batch = x.dtype, x.device, x.shape[0]
-    if branch._cache.get("run") is not run_token or run_token is None:
-        branch._cache = {"run": run_token, "entries": []}
-    lora = branch.lora.to(device, dtype) if branch.lora is not None else None
-    vec = reference_vec(branch.dit, y, batch, branch.options, dtype, device)
-    pe_cache = branch._cache.setdefault("pe", {})
-    if (batch, str(device)) not in pe_cache:
-        pe_cache[(batch, str(device))] = reference_pe(branch, batch, device)
-    pe = pe_cache[(batch, str(device))]
-    img_grid = token_grid(tuple(x.shape[-2:]), branch.patch)
-    entries = branch._cache["entries"]
-    tokens = None
-    for entry in entries:
-        if entry["tokens"] is not None and entry["tokens"].dtype == dtype and entry["tokens"].device == device:
-            tokens = entry["tokens"]
-            break
-    if tokens is None:
-        tokens = reference_tokens(branch, lora, dtype, device)
-    stream = Stream(branch, tokens.expand(batch, -1, -1), vec, pe, img_grid, lora,
-                    item_positions=item_positions, item_blocked=item_blocked,
-                    masks=branch._cache.setdefault("masks", {}))
-    if branch.options.attention == "self_cached":
-        for entry in entries:
-            if entry["kv"] is not None and entry["vec"].shape == vec.shape and torch.equal(entry["vec"], vec):
-                stream.kv = entry["kv"]
-                break
-        if stream.kv is None:
-            stream.kv = self_cached_kv(branch, stream, attention, transformer_options)
-            entries.append({"tokens": tokens, "vec": vec, "kv": stream.kv})
-        stream.x = None
-    elif not entries:
-        entries.append({"tokens": tokens, "vec": vec, "kv": None})
-    if len(entries) > 8:
-        del entries[:-8]
-    return stream
-
-
-# --------------------------------------------------------------------------- ComfyUI patch objects
-
-
-class ReferenceBlockPatch:
-    """``patches_replace["dit"][(kind + "_block", i)]``: runs the block over [txt | img | refs].
-
-    When the model already had a replace patch at this key (e.g. the FLUX adapter's), it is kept as
-    ``prev`` and called with this joint block as its ``original_block``, so both act. Without a reference
-    stream in ``transformer_options`` (a model call this branch did not prepare) the block runs unchanged.
-    """
-
-    def __init__(self, branch: ReferenceBranch, kind: str, index: int, attention: AttentionFn, prev=None):
-        self.branch, self.kind, self.index, self.attention, self.prev = branch, kind, index, attention, prev
-
-    def __call__(self, args: dict, extra: dict) -> dict:
-        inner = extra["original_block"]
-        states = (args.get("transformer_options") or {}).get(STATE_KEY) or {}
-        stream = states.get(id(self.branch))
-        if stream is None:
-            return self.prev(args, extra) if self.prev is not None else inner(args)
-
-        def joint(a: dict) -> dict:
-            to = a.get("transformer_options")
-            if self.kind == "double":
-                block = self.branch.dit.double_blocks[self.index]
-                img, txt = double_block(block, self.index, a["img"], a["txt"], a["vec"], a["pe"], a.get("attn_mask"),
-                                        stream, self.attention, to)
-                return {"img": img, "txt": txt}
-            block = self.branch.dit.single_blocks[self.index]
-            img = single_block(block, self.index, a["img"], a["vec"], a["pe"], a.get("attn_mask"), stream.n_txt,
-                               stream, self.attention, to)
-            return {"img": img}
-
-        return self.prev(args, {**extra, "original_block": joint}) if self.prev is not None else joint(args)
-
-
-class ReferenceModelWrapper:
-    """``model_function_wrapper``: prepares the reference stream for one model call, then drops it.
-
-    The stream lives in this call's own copy of ``transformer_options`` (never in the model), so nothing
-    survives the call, an interrupted run included. A previous wrapper is kept and called inside.
-    """
-
-    def __init__(self, branch: ReferenceBranch, attention: AttentionFn, prev=None):
-        self.branch, self.attention, self.prev = branch, attention, prev
-
-    def __call__(self, apply_model, params: dict):
-        if not self.branch.latents:  # no references: the model runs exactly as without this wrapper
-            if self.prev is not None:
-                return self.prev(apply_model, params)
-            return apply_model(params["input"], params["timestep"], **params["c"])
-        x, c = params["input"], dict(params["c"])
-        to = dict(c.get("transformer_options") or {})
-        cond_or_uncond = list(params.get("cond_or_uncond") or [0])
-        per_chunk = max(1, x.shape[0] // max(1, len(cond_or_uncond)))
-        is_cond = [cu == 0 for cu in cond_or_uncond for _ in range(per_chunk)]
-        branch = self.branch
-        item_positions = item_blocked = None
-        if branch.dem is not None:
-            c["c_crossattn"], item_positions, item_blocked = branch.dem.apply(c["c_crossattn"], is_cond,
-                                                                              to.get("sample_sigmas"))
-        elif branch.options.selective_text and branch.concept_positions is not None:
-            empty = [[] for _ in branch.concept_positions]
-            item_positions = [branch.concept_positions if cond else empty for cond in is_cond]
-        stream = prepare_stream(branch, x.to(branch_dtype(branch)), c.get("y"), self.attention,
-                                run_token=to.get("sample_sigmas"), transformer_options=to,
-                                item_positions=item_positions, item_blocked=item_blocked)
-        stream.n_txt = int(c["c_crossattn"].shape[1])
-        to[STATE_KEY] = {**(to.get(STATE_KEY) or {}), id(branch): stream}
-        c["transformer_options"] = to
-        params = {**params, "c": c}
-        try:
-            if self.prev is not None:
-                return self.prev(apply_model, params)
-            return apply_model(params["input"], params["timestep"], **c)
-        finally:
-            stream.x = stream.kv = None
-            stream.masks = {}  # the run's cache keeps the masks for the next steps
-
-
-def branch_dtype(branch: ReferenceBranch):
-    """The dtype the DiT computes in (its manual-cast dtype when the weights are stored narrower)."""
-    return getattr(branch, "compute_dtype", None) or getattr(branch.dit, "dtype", None) or torch.float32
-
-
-class ReleaseWrapper:
-    """OUTER_SAMPLE wrapper (in the clone's own model_options): drops the branch's per-run cache when
-    sampling ends, interrupted or not, so nothing stays between runs."""
-
-    def __init__(self, branch: ReferenceBranch):
-        self.branch = branch
-
-    def __call__(self, executor, *args, **kwargs):
-        self.branch._cache = {}
-        try:
-            return executor(*args, **kwargs)
-        finally:
-            self.branch._cache = {}
-
-
-OUTER_SAMPLE = "outer_sample"  # comfy.patcher_extension.WrappersMP.OUTER_SAMPLE
-
-
-def install(patcher, branch: ReferenceBranch, attention: AttentionFn) -> None:
-    """Patch a CLONED ComfyUI ModelPatcher with ComfyUI's setters: a block replacement per double/single
-    block and the model-function wrapper, keeping (and calling inside ours) any already there; plus an
-    outer-sample wrapper in the clone's model_options that releases the per-run cache."""
-    opts = patcher.model_options
-    existing = opts.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
-    for kind, blocks in (("double", branch.dit.double_blocks), ("single", branch.dit.single_blocks)):
-        for i in range(len(blocks)):
-            prev = existing.get((f"{kind}_block", i))
-            patcher.set_model_patch_replace(ReferenceBlockPatch(branch, kind, i, attention, prev=prev),
-                                            "dit", f"{kind}_block", i)
-    patcher.set_model_unet_function_wrapper(
-        ReferenceModelWrapper(branch, attention, prev=opts.get("model_function_wrapper")))
-    wrappers = patcher.model_options.setdefault("transformer_options", {}).setdefault("wrappers", {})
-    wrappers.setdefault(OUTER_SAMPLE, {})[f"{STATE_KEY}_{id(branch)}"] = [ReleaseWrapper(branch)]
-
-
-def find_branch(model_options: dict) -> ReferenceBranch | None:
-    """The reference branch installed in a model's options (the outermost one), if any."""
-    wrapper = model_options.get("model_function_wrapper")
-    while wrapper is not None:
-        if isinstance(wrapper, ReferenceModelWrapper):
-            return wrapper.branch
-        wrapper = getattr(wrapper, "prev", None)
-    return None

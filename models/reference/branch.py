@@ -6,21 +6,21 @@ modulated with their own timestep (t = 0), with a LoRA acting on the reference t
 positions that never coincide with the noisy image's, under a joint attention mask (Eq. 6 of 002).
 
 This module holds the data: options, reference tokens and positions, the joint mask and the branch a
-patched model carries; ``flux_reference_blocks`` runs the blocks and holds the ComfyUI patch objects.
+patched model carries; ``blocks.py`` runs the blocks and ``hooks.py`` holds the patch object.
 Joint order inside every block: ``[text | noisy image | reference 1 | reference 2 | ...]``. Plain torch.
 
 Axis legend: B batch, T text tokens, N image tokens, R reference tokens (all references), D hidden.
 """
 from __future__ import annotations
 
-import copy
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from ..layout.grid import token_grid
 from .lora import ReferenceLoRA
 
 REFERENCE_ATTENTION = ("joint", "self_cached")
@@ -67,18 +67,14 @@ def patchify(latent: torch.Tensor, patch: int = 2) -> torch.Tensor:
     return x.reshape(b, hh * ww, c * patch * patch)
 
 
-def token_grid(latent_hw: tuple[int, int], patch: int = 2) -> tuple[int, int]:
-    """Token rows and columns of a latent of size (h, w)."""
-    return (latent_hw[0] + patch // 2) // patch, (latent_hw[1] + patch // 2) // patch
-
-
-def reference_positions(grids: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
+def reference_positions(grids: Sequence[tuple[int, int]], column_offset: int = 0) -> list[torch.Tensor]:
     """RoPE ids [h*w, 3] per reference: (0, row, col - offset), offset = total width of references 1..i.
 
     MOSAIC shifts reference i by ``-(i + 1) * width`` columns; with the noisy image at columns >= 0 and each
-    reference left of the previous one, no two positions coincide (checked in the tests).
+    reference left of the previous one, no two positions coincide (checked in the tests). ``column_offset``
+    shifts them all further left (past the references of another branch in the same model).
     """
-    out, offset = [], 0
+    out, offset = [], column_offset
     for h, w in grids:
         offset += w
         rows = torch.arange(h, dtype=torch.float32)[:, None].expand(h, w)
@@ -113,7 +109,8 @@ def apply_rope(x: torch.Tensor, pe: torch.Tensor) -> torch.Tensor:
 
 
 def sdpa_attention(q, k, v, pe=None, mask=None, transformer_options=None) -> torch.Tensor:
-    """Plain-torch joint attention with RoPE: [B, H, L, d] -> [B, L, H*d] (ComfyUI passes its own)."""
+    """Plain-torch joint attention with RoPE: [B, H, L, d] -> [B, L, H*d], the default for tests (the node passes
+    ComfyUI's ``comfy.ldm.flux.math.attention``, which runs the user's attention backend)."""
     if pe is not None:
         q, k = apply_rope(q, pe), apply_rope(k, pe)
     if mask is not None and mask.ndim == 3:
@@ -268,8 +265,8 @@ def region_tokens(masks: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
 class ReferenceBranch:
     """Everything a patched model needs: reference latents, subjects, options, LoRA and the DiT to read.
 
-    Immutable during sampling except ``_cache`` (embedded reference tokens and, in the ``self_cached`` mode,
-    every block's reference K/V), keyed by run and condition and dropped on copy: a clone never shares it.
+    Never changed during sampling: what a run computes once (embedded reference tokens, RoPE table, masks
+    and, in the ``self_cached`` mode, every block's reference K/V) lives in that run's state (``hooks.py``).
     """
 
     dit: object
@@ -283,20 +280,18 @@ class ReferenceBranch:
     dem: object | None = None  # models.reference.dem.Alignment, applied to the context once per run and condition
     compute_dtype: object = None  # the DiT's compute dtype (manual cast), None: the DiT's own
     n_txt_hint: int = 256  # text length of the prompt the positions were found in (mask preview)
-    _cache: dict = field(default_factory=dict, repr=False)
-
-    def __deepcopy__(self, memo):
-        new = copy.copy(self)  # share the (read-only) tensors and the DiT; start a fresh per-run cache
-        new._cache = {}
-        memo[id(self)] = new
-        return new
 
     @property
     def patch(self) -> int:
         return int(self.dit.patch_size)
 
     def grids(self) -> list[tuple[int, int]]:
-        return [token_grid(tuple(l.shape[-2:]), self.patch) for l in self.latents]
+        return [token_grid(int(l.shape[-2]), int(l.shape[-1]), self.patch) for l in self.latents]
+
+    @property
+    def width(self) -> int:
+        """Token columns all references take side by side (how far another branch's references shift)."""
+        return sum(w for _, w in self.grids())
 
     def mask_spec(self, n_txt: int, n_img: int, img_grid: tuple[int, int] | None,
                   concept_positions: Sequence[Sequence[int]] | None = None,

@@ -18,7 +18,9 @@ have no bias, so ``K(w T) = w K(T)`` and the per-step gate only rescales project
 per sampling run.
 
 Plain torch: the host passes its attention function (``attention(q, k, v, heads, mask=None)`` like
-ComfyUI's ``optimized_attention``) and a ``sigma -> t in [0, 1]`` converter.
+ComfyUI's ``optimized_attention``, so the user's attention backend runs the image term too) and a
+``sigma -> t in [0, 1]`` converter. The patch holds no per-run state: everything a run computes once goes in
+the ``run`` dict the host hands in (``nodes/lifecycle.py``), so clones may share the patch.
 """
 from __future__ import annotations
 
@@ -29,15 +31,15 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..layout.grid import grid_of_tokens
 from ..layout.layout import Layout
+from .router import MODES
 
 LayerKey = tuple[str, int, int]
 AttentionFn = Callable[..., torch.Tensor]
 
 BLOCK_CHOICES: tuple[str, ...] = ("down+mid", "all", "down", "mid", "up")
-ROUTING_MODES: tuple[str, ...] = ("learned", "static", "manual")
 SEMANTICS: tuple[str, ...] = ("joint", "separate")
-GRID_FACTORS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
 
 
 # --------------------------------------------------------------------------- pure math
@@ -45,21 +47,12 @@ GRID_FACTORS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
                    mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Multi-head attention on [B, N, heads*d] tensors with an optional additive mask [N, L] (torch SDPA)."""
+    """Multi-head attention on [B, N, heads*d] tensors, additive mask [N, L]: the plain-torch default (tests)."""
     b, n, c = q.shape
     d = c // heads
     q, k, v = (t.reshape(b, -1, heads, d).transpose(1, 2) for t in (q, k, v))
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return out.transpose(1, 2).reshape(b, n, c)
-
-
-def token_grid(tokens: int, latent_height: int, latent_width: int) -> tuple[int, int]:
-    """The (rows, cols) of a layer's token grid: the UNet halves with ceil, so ``ceil(latent / f)``."""
-    for f in GRID_FACTORS:
-        h, w = math.ceil(latent_height / f), math.ceil(latent_width / f)
-        if h * w == tokens:
-            return h, w
-    raise ValueError(f"{tokens} attention tokens match no downscale of the {latent_height}x{latent_width} latent")
 
 
 def block_selected(key: LayerKey, blocks: str) -> bool:
@@ -120,8 +113,8 @@ class RegionalParams:
     def __post_init__(self) -> None:
         if self.blocks not in BLOCK_CHOICES:
             raise ValueError(f"blocks must be one of {BLOCK_CHOICES}, got {self.blocks!r}")
-        if self.routing not in ROUTING_MODES:
-            raise ValueError(f"routing must be one of {ROUTING_MODES}, got {self.routing!r}")
+        if self.routing not in MODES:
+            raise ValueError(f"routing must be one of {MODES}, got {self.routing!r}")
 
 
 def route_gates(adapter: Any, t: float, params: RegionalParams) -> torch.Tensor:
@@ -140,13 +133,13 @@ class RegionalAttentionPatch:
     ``tokens`` [N, L, T, D] are the subjects' refined levels (cond branch); ``uncond_tokens`` the same for
     the uncond branch of ``separate`` files (IP-Adapter feeds projected zero features there) or None.
     Everything step-independent (K/V per layer and level, masks per grid) is built lazily on the first call
-    of a run, keyed on device and dtype, and dropped by ``clear()`` (the host calls it around each run).
+    of a run, keyed on device and dtype, in the ``run`` dict the host gives each call (one per sampling run);
+    the patch itself never changes after construction.
     """
 
     def __init__(self, adapter: Any, tokens: torch.Tensor, layout: Layout, params: RegionalParams, *,
                  uncond_tokens: torch.Tensor | None = None, attention: AttentionFn = sdpa_attention,
-                 sigma_to_t: Callable[[float], float] | None = None,
-                 previous: dict[LayerKey, Callable] | None = None) -> None:
+                 sigma_to_t: Callable[[float], float] | None = None) -> None:
         if adapter.semantics not in SEMANTICS:
             raise ValueError(f"adapter semantics must be one of {SEMANTICS}, got {adapter.semantics!r}")
         if tokens.ndim != 4:
@@ -170,10 +163,6 @@ class RegionalAttentionPatch:
         self.sigma_to_t = sigma_to_t
         if self.semantics == "joint" and adapter.dummy_tokens is None:
             raise ValueError("a joint-attention adapter needs dummy tokens (MS-Diffusion's dummy_image_tokens)")
-        self.previous = dict(previous or {})  # attn2 replaces that were there before: they give the text term
-        self.cache: dict[tuple, Any] = {}
-
-    # ---------------------------------------------------------------- host hooks
 
     @property
     def num_subjects(self) -> int:
@@ -183,40 +172,26 @@ class RegionalAttentionPatch:
     def num_levels(self) -> int:
         return int(self.tokens.shape[1])
 
-    def to(self, device) -> "RegionalAttentionPatch":
-        """ModelPatcher moves patches: pass it on to the chained ones; the cache is keyed on device."""
-        for k, p in self.previous.items():
-            if hasattr(p, "to"):
-                self.previous[k] = p.to(device)
-        return self
-
-    def __deepcopy__(self, memo) -> "RegionalAttentionPatch":
-        """ModelPatcher.clone deep-copies model options: share this immutable patch (and its run cache)."""
-        return self
-
-    def clear(self) -> None:
-        """Drop everything cached for the current run."""
-        self.cache.clear()
-
     # ---------------------------------------------------------------- step-dependent gates
 
-    def gates(self, sigma: float) -> torch.Tensor:
+    def gates(self, sigma: float, run: dict | None = None) -> torch.Tensor:
         """The level gates [L] at this step: learned (Eqs. 5-6 of 000), static, or a manual schedule."""
         if self.num_levels == 1 and self.params.routing != "manual":
             return torch.ones(1)
+        run = {} if run is None else run
         key = ("gates", sigma)
-        if key not in self.cache:
+        if key not in run:
             t = 1.0 if self.sigma_to_t is None else float(self.sigma_to_t(sigma))
             t = min(max(t, 0.0), 1.0)
-            self.cache[key] = route_gates(self.adapter, t, self.params)[: self.num_levels]
-        return self.cache[key]
+            run[key] = route_gates(self.adapter, t, self.params)[: self.num_levels]
+        return run[key]
 
     # ---------------------------------------------------------------- per-run cache
 
-    def _projections(self, key: LayerKey, device, dtype) -> dict[str, torch.Tensor]:
+    def projections(self, run: dict, key: LayerKey, device, dtype) -> dict[str, torch.Tensor]:
         """K/V of all subjects' levels at one layer (once per run)."""
         ck = ("kv", key, device, dtype)
-        if ck not in self.cache:
+        if ck not in run:
             to_k, to_v = self.adapter.kv(key)
             wk = to_k.weight.detach().to(device=device, dtype=torch.float32)
             wv = to_v.weight.detach().to(device=device, dtype=torch.float32)
@@ -230,13 +205,13 @@ class RegionalAttentionPatch:
             entry["k"], entry["v"] = proj(self.tokens.reshape(n, levels * t, d))  # [N, L*T, C]
             if self.uncond_tokens is not None:
                 entry["uk"], entry["uv"] = proj(self.uncond_tokens.reshape(n, levels * t, d))
-            self.cache[ck] = entry
-        return self.cache[ck]
+            run[ck] = entry
+        return run[ck]
 
-    def _masks(self, h: int, w: int, device) -> dict[str, Any]:
+    def masks(self, run: dict, h: int, w: int, device) -> dict[str, Any]:
         """Region masks at one token grid (once per run and resolution)."""
         ck = ("mask", h, w, device)
-        if ck not in self.cache:
+        if ck not in run:
             p = h * w
             if self.semantics == "joint":
                 grid = self.layout.masks(h, w, edge="binary").flatten(1)  # floor start / ceil end
@@ -251,66 +226,70 @@ class RegionalAttentionPatch:
                     pix = torch.nonzero(m > 0).flatten()
                     support.append((None if len(pix) == p else pix.to(device), m[pix].to(device)[:, None]))
                 entry = {"support": support}
-            self.cache[ck] = entry
-        return self.cache[ck]
+            run[ck] = entry
+        return run[ck]
 
-    def _token_scales(self, sigma: float, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def token_scales(self, run: dict, sigma: float, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token key scale [N, L*T] (level gates) and value scale (gates * global * subject weight)."""
         ck = ("scales", sigma, device, dtype)
-        if ck not in self.cache:
-            g = level_gates(self.num_levels, self.tokens.shape[2], self.gates(sigma))
+        if ck not in run:
+            g = level_gates(self.num_levels, self.tokens.shape[2], self.gates(sigma, run))
             s = torch.tensor(self.subject_weights, dtype=torch.float32) * float(self.params.weight)
             ks = g[None].expand(self.num_subjects, -1)
             vs = ks * s[:, None]
-            self.cache[ck] = (ks.to(device=device, dtype=dtype), vs.to(device=device, dtype=dtype))
-        return self.cache[ck]
+            run[ck] = (ks.to(device=device, dtype=dtype), vs.to(device=device, dtype=dtype))
+        return run[ck]
 
     # ---------------------------------------------------------------- the attention
 
-    def _sigma(self, sigmas: torch.Tensor | None) -> float:
+    @staticmethod
+    def step_sigma(run: dict, sigmas: torch.Tensor | None) -> float:
         """The step's sigma as a float, read once per UNet forward: every attention call of one forward gets
         the same tensor, and reading a GPU tensor's value synchronises the device."""
         if sigmas is None:
             return math.inf
-        last = self.cache.get("sigma")
+        last = run.get("sigma")
         if last is None or last[0] is not sigmas:
             last = (sigmas, float(sigmas.flatten()[0]))
-            self.cache["sigma"] = last
+            run["sigma"] = last
         return last[1]
 
     def active(self, sigma: float) -> bool:
         return self.params.sigma_end <= sigma <= self.params.sigma_start
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
+    def attn2(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict,
+              run: dict | None = None, previous: Callable | None = None) -> torch.Tensor:
+        """The attn2 replacement: ``previous`` (an earlier attn2 replace) or plain attention gives the text term."""
+        run = {} if run is None else run
         heads = extra_options["n_heads"]
         block = extra_options["block"]
         key = (block[0], int(block[1]), int(extra_options.get("block_index", 0)))
-        chained = self.previous.get(key) or self.previous.get(key[:2])
-        out = chained(q, k, v, extra_options) if chained is not None else self.attention(q, k, v, heads)
+        out = previous(q, k, v, extra_options) if previous is not None else self.attention(q, k, v, heads)
         sigmas = extra_options.get("sigmas")
-        sigma = self._sigma(sigmas)
+        sigma = self.step_sigma(run, sigmas)
         if sigmas is not None and not self.active(sigma):
             return out
         shape = extra_options["original_shape"]
-        h, w = token_grid(q.shape[1], int(shape[-2]), int(shape[-1]))
+        h, w = grid_of_tokens(q.shape[1], int(shape[-2]), int(shape[-1]))
         chunks = list(extra_options.get("cond_or_uncond") or [0])
         size = q.shape[0] // len(chunks)
         for c, kind in enumerate(chunks):
             rows = slice(c * size, (c + 1) * size)
             if kind == 0:
-                out[rows] = out[rows] + self.image_attention(q[rows], key, h, w, sigma, heads, uncond=False)
+                out[rows] = out[rows] + self.image_attention(q[rows], key, h, w, sigma, heads, run=run)
             elif self.uncond_tokens is not None:
-                out[rows] = out[rows] + self.image_attention(q[rows], key, h, w, sigma, heads, uncond=True)
+                out[rows] = out[rows] + self.image_attention(q[rows], key, h, w, sigma, heads, uncond=True, run=run)
             # joint semantics: the uncond branch has zero boxes, so every pixel is background (zero image attention)
         return out
 
     def image_attention(self, q: torch.Tensor, key: LayerKey, h: int, w: int, sigma: float, heads: int,
-                        uncond: bool = False) -> torch.Tensor:
+                        uncond: bool = False, run: dict | None = None) -> torch.Tensor:
         """The image term added to the text attention for rows q [B, P, C] of one branch."""
+        run = {} if run is None else run
         b = q.shape[0]
-        kv = self._projections(key, q.device, q.dtype)
-        masks = self._masks(h, w, q.device)
-        ks, vs = self._token_scales(sigma, q.device, q.dtype)
+        kv = self.projections(run, key, q.device, q.dtype)
+        masks = self.masks(run, h, w, q.device)
+        ks, vs = self.token_scales(run, sigma, q.device, q.dtype)
         kk, vv = (kv["uk"], kv["uv"]) if uncond else (kv["k"], kv["v"])
         kk = kk * ks[..., None]  # [N, L*T, C]: gated keys (Eq. 6 of 000)
         vv = vv * vs[..., None]  # gated values times global and subject scales

@@ -30,9 +30,11 @@ ANCHOR_SPREAD = 1.5  # initial logits: early +1.5 .. -1.5 over the levels (favou
 MODES = ("learned", "static", "manual")
 
 
-def router_time(model_sampling, sigma: torch.Tensor) -> torch.Tensor:
-    """The router's t in [0, 1] for a sampler sigma: the model's timestep (0..999 for SDXL) divided by 1000."""
-    return model_sampling.timestep(torch.as_tensor(sigma, dtype=torch.float32)).float() / NUM_TIMESTEPS
+def router_time(model_sampling, sigma: torch.Tensor | float) -> torch.Tensor:
+    """The router's t in [0, 1] for a sampler sigma (a float or a tensor of them): the model's timestep (0..999
+    for SDXL) divided by 1000, in the shape of ``sigma``."""
+    s = torch.as_tensor(sigma, dtype=torch.float32)
+    return (model_sampling.timestep(s.reshape(-1)).float() / NUM_TIMESTEPS).reshape(s.shape)
 
 
 def rbf_kernels(t: torch.Tensor, centres: torch.Tensor, tau: torch.Tensor | float) -> torch.Tensor:

@@ -94,7 +94,7 @@ def pixels(comfy_server, entry: dict) -> np.ndarray:
 
 def test_node_schema(comfy_server):
     info = comfy_server.object_info()["TroupeApplySDXL"]
-    assert info["output"] == ["MODEL"] and info["category"] == "Troupe/adapters"
+    assert info["output"] == ["MODEL"] and info["category"] == "Troupe/apply"
     req, opt = info["input"]["required"], info["input"]["optional"]
     assert req["blocks"][1]["default"] == "down+mid" and "all" in req["blocks"][1]["options"]
     assert req["routing"][1]["options"] == ["learned", "static", "manual"]

@@ -146,7 +146,8 @@ def test_loader_node_knows_the_flux_family(fa):
 def test_token_masks_follow_comfyui_padding():
     """M_i at the token grid: ComfyUI pads odd latents to 2x2 patches, so the grid is ceil(size / 2) and the
     padded pixels do not count in a token's average."""
-    from comfyui_troupe.models.flux.patch import token_grid, token_masks
+    from comfyui_troupe.models.flux.injection import token_masks
+    from comfyui_troupe.models.layout.grid import token_grid
     from comfyui_troupe.models.layout.layout import Layout, Region
 
     assert token_grid(9, 7) == (5, 4) and token_grid(128, 128) == (64, 64) and token_grid(1, 1) == (1, 1)

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from fixtures.flux_adapters import troupe_flux_state_dict
+from lifecycle_probe import runs  # noqa: F401  (fixture)
 from fixtures.tiny_models import ensure_comfy, flux_conditioning, sample, tiny_flux
 
 LATENT = (10, 7)  # odd width: ComfyUI pads to 2x2 patches -> token grid 5 x 4
@@ -25,12 +26,13 @@ GRID = (5, 4)
 def mods():
     ensure_comfy()
     from comfyui_troupe.models.flux import adapter as flux_adapter
+    from comfyui_troupe.models.flux import injection as flux_injection
     from comfyui_troupe.models.flux import patch as flux_patch
     from comfyui_troupe.models.layout.layout import Layout, Region
     from comfyui_troupe.models.encoding.reference_features import ClipFeatures
     from comfyui_troupe.nodes import flux
 
-    return dict(adapter=flux_adapter, patch=flux_patch, Layout=Layout, Region=Region, ClipFeatures=ClipFeatures,
+    return dict(adapter=flux_adapter, patch=flux_patch, injection=flux_injection, Layout=Layout, Region=Region, ClipFeatures=ClipFeatures,
                 node=flux)
 
 
@@ -276,7 +278,7 @@ def test_eq9_two_subjects_overlapping_and_disjoint_regions(base, adapter, mods, 
     feats = features(mods, 2, seed=4)
     layout = two_subject_layout(mods)
     masks = hand_masks()
-    torch.testing.assert_close(mods["patch"].token_masks(layout, *LATENT), masks)  # the node's M_i, by hand
+    torch.testing.assert_close(mods["injection"].token_masks(layout, *LATENT), masks)  # the node's M_i, by hand
     assert bool((masks[0] * masks[1]).any()) and bool(((masks[0] > 0) ^ (masks[1] > 0)).any())  # overlap + disjoint
     subjects = [type("S", (), {"weight": w})() for w in (0.8, 1.5)]
     patched = mods["node"].apply_flux(base, adapter, feats, settings(mods, weight=1.25), subjects=subjects,
@@ -312,8 +314,8 @@ def test_outside_all_regions_and_text_tokens_equal_base_at_every_block(base, ada
     feats = features(mods, 2, seed=5)
     patched = mods["node"].apply_flux(base, adapter, feats, settings(mods), layout=mods["Layout"](
         64, 80, (mods["Region"](box=(0.0, 0.0, 0.5, 0.4)), mods["Region"](box=(0.5, 0.6, 1.0, 1.0)))))
-    masks = mods["patch"].token_masks(patched.model_options["transformer_options"]["patches_replace"]["dit"][
-        ("double_block", 0)].run.layout, *LATENT)
+    masks = mods["injection"].token_masks(patched.model_options["transformer_options"]["patches_replace"]["dit"][
+        ("double_block", 0)].patch.layout, *LATENT)
     outside = masks.sum(0) == 0
     assert bool(outside.any()) and bool((~outside).any())
     n_img = outside.numel()
@@ -373,10 +375,9 @@ def test_base_model_unchanged_after_apply_and_sampling(base, adapter, mods):
     assert torch.equal(before, sample(base, pos, neg, latent, steps=2))
 
 
-def test_kv_computed_once_per_run_and_released(base, adapter, mods, monkeypatch):
+def test_kv_computed_once_per_run_and_released(base, adapter, mods, monkeypatch, runs):
     """K/V do not depend on the timestep: one projection per block per run, nothing kept after the run."""
     patched = mods["node"].apply_flux(base, adapter, features(mods, 2), settings(mods))
-    run = patched.model_options["transformer_options"]["patches_replace"]["dit"][("double_block", 0)].run
     calls = []
     layer_cls = type(adapter.module.layers[0])
     original = layer_cls.kv
@@ -384,9 +385,9 @@ def test_kv_computed_once_per_run_and_released(base, adapter, mods, monkeypatch)
     pos, neg = flux_conditioning(0), flux_conditioning(1)
     sample(patched, pos, neg, torch.zeros(1, 16, 8, 8), steps=4, cfg=2.0)
     assert len(calls) == 4  # 2 double + 2 single blocks, not 4 steps x 2 passes x 4 blocks
-    assert run.cache == {}
+    assert len(runs.states) == 1 and runs.states[0].held and not runs.leftover()
     sample(patched, pos, neg, torch.zeros(1, 16, 8, 8), steps=2)
-    assert len(calls) == 8
+    assert len(calls) == 8 and len(runs.states) == 2 and not runs.leftover()
 
 
 def test_real_cfg_uncond_gets_no_subject_features(base, adapter, mods):

@@ -1,4 +1,4 @@
-"""The FLUX reference branch (models/flux_reference*.py) on the tiny FLUX fixture (ComfyUI 0.3.75 Flux, in-process).
+"""The FLUX reference branch (models/reference/) on the tiny FLUX fixture (ComfyUI's Flux, in-process).
 
 What the issue asks: no references = the base model exactly; text and noisy-image tokens never use the
 LoRA; references never attend to each other; reference RoPE positions never coincide with the image's;
@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from comfyui_troupe.models.reference import blocks as fb
+from comfyui_troupe.models.reference import hooks as fh
 from fixtures import tiny_models as tm
 from fixtures.reference_loras import mosaic_lora_state_dict, zero_lora
+from lifecycle_probe import clones, fingerprint, runs, sample  # noqa: F401  (fixtures)
 
 
 @pytest.fixture(scope="module")
@@ -58,9 +60,16 @@ def make_branch(fr, dit, lats=None, **opts):
 
 
 def patched(fr, comfy, model, branch):
-    m = model.clone()
-    fb.install(m, branch, comfy.ldm.flux.math.attention)
-    return m
+    """A clone of ``model`` with the branch installed as TroupeReferenceBranch installs it."""
+    from comfyui_troupe.nodes.reference_branch import install_branch
+
+    return install_branch(model, branch, comfy.ldm.flux.math.attention)
+
+
+def branches_of(model) -> list:
+    from comfyui_troupe.nodes.reference_branch import reference_patches
+
+    return [p.branch for p in reference_patches(model)]
 
 
 # --------------------------------------------------------------------------- block-level harness
@@ -86,7 +95,7 @@ def base_inputs(dit, seed=3, n_txt=12, hw=8):
 
 
 def make_stream(fr, comfy, branch, inp, positions=None):
-    s = fb.prepare_stream(branch, inp["x"], inp["y"], comfy.ldm.flux.math.attention, item_positions=positions)
+    s = fh.prepare_stream(branch, inp["x"], inp["y"], comfy.ldm.flux.math.attention, item_positions=positions)
     s.n_txt = inp["txt"].shape[1]
     return s
 
@@ -250,15 +259,15 @@ def test_self_cached_kv_of_reference_1_ignores_reference_2(fr, comfy, dit):
         assert (ka[key][1][:, :, n1:] - kb[key][1][:, :, n1:]).abs().max() > 1e-4
 
 
-def test_self_cached_kv_are_computed_once_per_run(fr, comfy, model, dit, monkeypatch):
+def test_self_cached_kv_are_computed_once_per_run(fr, comfy, model, dit, monkeypatch, runs):
     calls = []
-    real = fb.self_cached_kv
-    monkeypatch.setattr(fb, "self_cached_kv", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = fh.self_cached_kv
+    monkeypatch.setattr(fh, "self_cached_kv", lambda *a, **k: calls.append(1) or real(*a, **k))
     m = patched(fr, comfy, model, make_branch(fr, dit, attention="self_cached"))
     pos, neg = tm.flux_conditioning(0, tokens=16), tm.flux_conditioning(1, tokens=16)
     tm.sample(m, pos, neg, torch.zeros(1, 16, 16, 16), steps=4, cfg=1.0)
     assert len(calls) == 1
-    assert fb.find_branch(m.model_options)._cache == {}  # K/V released when sampling ended
+    assert runs.states[0].held and not runs.leftover()  # K/V released when sampling ended
     tm.sample(m, pos, neg, torch.zeros(1, 16, 16, 16), steps=4, cfg=2.0)  # a new run: cond + uncond in one batch
     assert len(calls) == 2
 
@@ -314,33 +323,42 @@ def test_patchify_matches_comfyui_process_img(fr, dit):
 # --------------------------------------------------------------------------- clones, interruption, composition
 
 
-def test_clones_do_not_share_reference_state(fr, comfy, model, dit):
+def test_clones_do_not_share_reference_state(fr, comfy, model, dit, clones, runs):
+    """A clone shares the branch (read-only data and the DiT, never copied) but no state: nothing the two share
+    changes during or after a run (the run's K/V live in its own state), each run gets its own state, and the
+    clone and the original give what a fresh model gives. Under the host's clone and ComfyUI >= 0.33's."""
+    fresh = sample(patched(fr, comfy, model, make_branch(fr, dit, attention="self_cached")), *conditions())
     m = patched(fr, comfy, model, make_branch(fr, dit, attention="self_cached"))
     c = m.clone()
-    dit_patches = c.model_options["transformer_options"]["patches_replace"]["dit"]
-    branches = {id(p.branch) for p in dit_patches.values()} | {id(c.model_options["model_function_wrapper"].branch)}
-    assert len(branches) == 1  # one consistent branch per clone
-    outer = c.model_options["transformer_options"]["wrappers"][fb.OUTER_SAMPLE]
-    assert len({id(w.branch) for ws in outer.values() for w in ws} | branches) == 1
-    assert branches.isdisjoint({id(fb.find_branch(m.model_options))})
-    assert fb.find_branch(c.model_options).dit is dit  # the DiT itself is never copied
+    assert branches_of(c) == branches_of(m) and branches_of(c)[0].dit is dit
+    before = fingerprint(m)
+    during = []
+    runs.clear()
+    outs = [sample(x, *conditions(), callback=lambda *_: during.append(fingerprint(x))) for x in (m, c, m)]
+    assert during and all(f == before for f in during) and fingerprint(c) == before
+    assert len({id(s) for s in runs.states}) == 3 and all(s.held for s in runs.states) and not runs.leftover()
+    assert all(torch.equal(o, fresh) for o in outs)
 
 
-def test_an_interrupted_run_leaves_the_model_clean(fr, comfy, model, dit):
+def conditions():
+    return tm.flux_conditioning(0, tokens=16), tm.flux_conditioning(1, tokens=16), torch.zeros(1, 16, 16, 16)
+
+
+def test_an_interrupted_run_leaves_the_model_clean(fr, comfy, model, dit, runs):
     class Boom(Exception):
         pass
 
     def explode(args, extra):
         raise Boom()
 
-    m = model.clone()
-    m.set_model_patch_replace(explode, "dit", "single_block", 1)
-    fb.install(m, make_branch(fr, dit), comfy.ldm.flux.math.attention)
+    pre = model.clone()
+    pre.set_model_patch_replace(explode, "dit", "single_block", 1)
+    m = patched(fr, comfy, pre, make_branch(fr, dit))
     pos, neg = tm.flux_conditioning(0, tokens=16), tm.flux_conditioning(1, tokens=16)
     with pytest.raises(Boom):
         tm.sample(m, pos, neg, torch.zeros(1, 16, 16, 16), steps=2)
     assert fr.STATE_KEY not in m.model_options.get("transformer_options", {})
-    assert fb.find_branch(m.model_options)._cache == {}  # the outer-sample wrapper released the run's cache
+    assert runs.states[0].held and not runs.leftover()  # the run scope released the run's cache
     good = patched(fr, comfy, model, make_branch(fr, dit))
     again = patched(fr, comfy, model, make_branch(fr, dit))
     assert torch.equal(tm.sample(good, pos, neg, torch.zeros(1, 16, 16, 16), steps=2),
@@ -362,11 +380,9 @@ def test_an_existing_replace_patch_is_wrapped_not_dropped(fr, comfy, model, dit)
     only_other = model.clone()
     only_other.set_model_patch_replace(other, "dit", "double_block", 0)
     a = tm.sample(only_other, pos, neg, latent, steps=2)
-    both = only_other.clone()
-    fb.install(both, make_branch(fr, dit, lats=[]), comfy.ldm.flux.math.attention)
+    both = patched(fr, comfy, only_other, make_branch(fr, dit, lats=[]))
     assert torch.equal(tm.sample(both, pos, neg, latent, steps=2), a)  # no references: exactly the other patch
-    both_refs = only_other.clone()
-    fb.install(both_refs, make_branch(fr, dit), comfy.ldm.flux.math.attention)
+    both_refs = patched(fr, comfy, only_other, make_branch(fr, dit))
     calls.clear()
     out = tm.sample(both_refs, pos, neg, latent, steps=2)
     assert calls and all(n == 64 for n in calls)  # the other patch saw the noisy image tokens only
@@ -408,7 +424,7 @@ def test_dem_inserts_updated_s_star_and_drops_redux_tokens_in_the_sampler(fr, co
         m.set_model_patch_replace(spy, "dit", "double_block", 0)
         branch = make_branch(fr, dit, selective_text=True, concept_positions=labels)
         branch.dem = align if with_dem else None
-        fb.install(m, branch, comfy.ldm.flux.math.attention)
+        m = patched(fr, comfy, m, branch)
         seen.clear()
         outs.append(tm.sample(m, pos, neg, torch.zeros(1, 16, 16, 16), steps=3, cfg=1.0))
         assert set(seen) == ({n_t5 + 2} if with_dem else {n_t5 + 2 * REDUX_TOKENS})
@@ -454,3 +470,17 @@ def test_schnell_without_guidance_embedding_runs(fr, comfy):
     y = torch.randn(1, 768)
     want = dit.time_in(fr.timestep_embedding(torch.zeros(1))) + dit.vector_in(y)
     torch.testing.assert_close(fb.reference_vec(dit, y, 1, fr.ReferenceOptions(), torch.float32, "cpu"), want)
+
+
+@pytest.mark.parametrize("mode", ["joint", "self_cached"])
+def test_two_chained_branches_equal_one_branch_with_all_references(fr, comfy, model, dit, mode):
+    """TroupeReferenceBranch after another one: both sets of references join one joint attention, the outer
+    branch's placed first (nearest the image), so the chain computes what one branch holding [outer refs,
+    inner refs] computes. A tolerance: the attention sums over the keys in another order."""
+    a, b = latents(seed=7, size=8), latents(seed=8, size=6)
+    inner = patched(fr, comfy, model, make_branch(fr, dit, lats=a, attention=mode))
+    chained = patched(fr, comfy, inner, make_branch(fr, dit, lats=b, attention=mode))
+    one = patched(fr, comfy, model, make_branch(fr, dit, lats=b + a, attention=mode))
+    out, want = sample(chained, *conditions()), sample(one, *conditions())
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    assert (out - sample(inner, *conditions())).abs().max() > 1e-4  # the outer branch's references act

@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from comfyui_troupe.models.reference import blocks as fb
 from fixtures import tiny_models as tm
 from fixtures.flux_adapters import troupe_flux_state_dict
 
@@ -21,13 +20,14 @@ def env():
     from comfyui_troupe.models.reference import branch as fr
     from comfyui_troupe.models.encoding.reference_features import ClipFeatures
     from comfyui_troupe.nodes import flux
+    from comfyui_troupe.nodes.reference_branch import install_branch
 
     base = tm.tiny_flux()
     adapter = flux_adapter.load(troupe_flux_state_dict(), "troupe-flux")
     gen = torch.Generator().manual_seed(0)
     feats = ClipFeatures(hidden=torch.randn(2, 3, 6, 64, generator=gen), layers=(10, 17, 24), encoder="tiny",
                          labels=("a", "b"), depth=24)
-    return dict(fr=fr, flux=flux, base=base, adapter=adapter, feats=feats, attention=comfy.ldm.flux.math.attention)
+    return dict(fr=fr, flux=flux, install=install_branch, base=base, adapter=adapter, feats=feats, attention=comfy.ldm.flux.math.attention)
 
 
 def with_refs(env, model, n=2):
@@ -35,10 +35,8 @@ def with_refs(env, model, n=2):
     dit = model.model.diffusion_model
     g = torch.Generator().manual_seed(3)
     lats = [torch.randn(16, 8, 8, generator=g) for _ in range(n)]
-    m = model.clone()
-    fb.install(m, fr.ReferenceBranch(dit=dit, latents=lats, ref_subject=list(range(n)),
-                                     options=fr.ReferenceOptions()), env["attention"])
-    return m
+    return env["install"](model, fr.ReferenceBranch(dit=dit, latents=lats, ref_subject=list(range(n)),
+                                                    options=fr.ReferenceOptions()), env["attention"])
 
 
 def with_adapter(env, model, weight=1.0):

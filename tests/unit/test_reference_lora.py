@@ -16,7 +16,6 @@ from fixtures.reference_loras import (
 )
 
 from comfyui_troupe.models.adapter_file import AdapterFormatError, read_state_dict
-from comfyui_troupe.models.reference import blocks as fb
 from comfyui_troupe.models.reference.lora import FluxDims, detect_format, load_reference_lora
 
 DIMS = FluxDims(hidden=HIDDEN, mlp_hidden=MLP, in_channels=64, depth=2, depth_single=2)
@@ -139,6 +138,7 @@ def test_a_mosaic_lora_loads_and_runs_in_the_tiny_flux():
     import comfy.ldm.flux.math
 
     from comfyui_troupe.models.reference import branch as fr
+    from comfyui_troupe.nodes.reference_branch import install_branch
 
     model = tm.tiny_flux()
     dit = model.model.diffusion_model
@@ -148,9 +148,9 @@ def test_a_mosaic_lora_loads_and_runs_in_the_tiny_flux():
     outs = []
     for sd in (mosaic_lora_state_dict(rank=4), zero_lora(mosaic_lora_state_dict(rank=4)), None):
         lora = None if sd is None else load_reference_lora(sd, FluxDims.from_model(dit))
-        m = model.clone()
-        fb.install(m, fr.ReferenceBranch(dit=dit, latents=lats, ref_subject=[0, 1], options=fr.ReferenceOptions(),
-                                         lora=lora), comfy.ldm.flux.math.attention)
+        m = install_branch(model, fr.ReferenceBranch(dit=dit, latents=lats, ref_subject=[0, 1],
+                                                     options=fr.ReferenceOptions(), lora=lora),
+                           comfy.ldm.flux.math.attention)
         outs.append(tm.sample(m, pos, neg, torch.zeros(1, 16, 16, 16), steps=3))
     assert torch.isfinite(outs[0]).all()
     assert (outs[0] - outs[2]).abs().max() > 1e-4  # the LoRA acts (through the references)

@@ -10,10 +10,12 @@ import math
 
 import pytest
 import torch
+from lifecycle_probe import runs  # noqa: F401  (fixture)
 
+from comfyui_troupe.models.layout.grid import grid_of_tokens
 from comfyui_troupe.models.layout.layout import Layout, Region
 from comfyui_troupe.models.sdxl.patch import (
-    RegionalAttentionPatch, RegionalParams, block_selected, joint_groups, sdpa_attention, token_grid,
+    RegionalAttentionPatch, RegionalParams, block_selected, joint_groups, sdpa_attention,
 )
 
 CROSS = 2048
@@ -108,11 +110,11 @@ def floor_ceil_mask(box, h, w):
 
 
 def test_token_grid_uses_ceil_halving_for_any_aspect():
-    assert token_grid(13 * 20, 13, 20) == (13, 20)
-    assert token_grid(7 * 10, 13, 20) == (7, 10)
-    assert token_grid(4 * 5, 13, 20) == (4, 5)
+    assert grid_of_tokens(13 * 20, 13, 20) == (13, 20)
+    assert grid_of_tokens(7 * 10, 13, 20) == (7, 10)
+    assert grid_of_tokens(4 * 5, 13, 20) == (4, 5)
     with pytest.raises(ValueError, match="match no downscale"):
-        token_grid(17, 13, 20)
+        grid_of_tokens(17, 13, 20)
 
 
 def test_blocks_default_is_down_and_mid():
@@ -141,7 +143,7 @@ def test_joint_equals_ms_diffusion_masked_attention_non_square_overlapping():
     h, w = 6, 10
     q = torch.randn(2, h * w, WIDTH)
     k, v = torch.randn(2, 77, WIDTH), torch.randn(2, 77, WIDTH)
-    got = patch(q, k, v, options((12, 20), cond_or_uncond=(0, 0), sigma=2.0))
+    got = patch.attn2(q, k, v, options((12, 20), cond_or_uncond=(0, 0), sigma=2.0))
 
     # independent: gated tokens Concat_l(w_l T_l) (Eq. 6 of 000), projected with to_k_ip / to_v_ip
     gates = adapter.route(0.3)
@@ -173,7 +175,7 @@ def test_separate_one_subject_full_canvas_equals_ip_adapter():
     tokens = adapter.subject_tokens(torch.randn(1, 5, 16), None)
     patch = RegionalAttentionPatch(adapter, tokens, layout, RegionalParams(weight=0.8, subject_weights=(1.25,)))
     q, k, v = torch.randn(1, 64, WIDTH), torch.randn(1, 77, WIDTH), torch.randn(1, 77, WIDTH)
-    got = patch(q, k, v, options((8, 8)))
+    got = patch.attn2(q, k, v, options((8, 8)))
     to_k, to_v = adapter.kv(KEY)
     kk, vv = tokens[0, 0] @ to_k.weight.t(), tokens[0, 0] @ to_v.weight.t()
     tp, tv = softmax_attention(q, k, v, HEADS)
@@ -191,7 +193,7 @@ def test_separate_sums_masked_terms_per_subject():
     tokens = adapter.subject_tokens(torch.randn(2, 5, 16), None)
     patch = RegionalAttentionPatch(adapter, tokens, layout, RegionalParams(weight=1.0, subject_weights=(0.5, 2.0)))
     q, k, v = torch.randn(1, 35, WIDTH), torch.randn(1, 77, WIDTH), torch.randn(1, 77, WIDTH)
-    got = patch(q, k, v, options((5, 7)))
+    got = patch.attn2(q, k, v, options((5, 7)))
     to_k, to_v = adapter.kv(KEY)
     tp, tv = softmax_attention(q, k, v, HEADS)
     expected = merge(tp @ tv)
@@ -230,8 +232,8 @@ def test_cond_uncond_in_any_order_and_batch(semantics):
     patch = RegionalAttentionPatch(adapter, tokens, layout, RegionalParams(), uncond_tokens=uncond)
     qc, qu = torch.randn(2, 64, WIDTH), torch.randn(2, 64, WIDTH)
     kc, ku = torch.randn(2, 77, WIDTH), torch.randn(2, 77, WIDTH)
-    a = patch(torch.cat([qc, qu]), torch.cat([kc, ku]), torch.cat([kc, ku]), options((8, 8), (0, 1)))
-    b = patch(torch.cat([qu, qc]), torch.cat([ku, kc]), torch.cat([ku, kc]), options((8, 8), (1, 0)))
+    a = patch.attn2(torch.cat([qc, qu]), torch.cat([kc, ku]), torch.cat([kc, ku]), options((8, 8), (0, 1)))
+    b = patch.attn2(torch.cat([qu, qc]), torch.cat([ku, kc]), torch.cat([ku, kc]), options((8, 8), (1, 0)))
     assert torch.allclose(a[:2], b[2:], atol=1e-6) and torch.allclose(a[2:], b[:2], atol=1e-6)
     text_u = sdpa_attention(qu, ku, ku, HEADS)
     text_c = sdpa_attention(qc, kc, kc, HEADS)
@@ -241,7 +243,7 @@ def test_cond_uncond_in_any_order_and_batch(semantics):
     else:
         assert not torch.allclose(a[2:], text_u, atol=1e-4)
     # batch items are independent: item 1 alone gives the same rows
-    single = patch(qc[1:], kc[1:], kc[1:], options((8, 8), (0,)))
+    single = patch.attn2(qc[1:], kc[1:], kc[1:], options((8, 8), (0,)))
     assert torch.allclose(single, a[1:2], atol=1e-6)
 
 
@@ -252,9 +254,9 @@ def test_outside_the_sigma_range_is_text_only():
     patch = RegionalAttentionPatch(adapter, tokens, layout, RegionalParams(sigma_start=5.0, sigma_end=1.0))
     q, k = torch.randn(1, 64, WIDTH), torch.randn(1, 77, WIDTH)
     text = sdpa_attention(q, k, k, HEADS)
-    assert torch.allclose(patch(q, k, k, options((8, 8), sigma=7.0)), text)
-    assert torch.allclose(patch(q, k, k, options((8, 8), sigma=0.5)), text)
-    assert not torch.allclose(patch(q, k, k, options((8, 8), sigma=3.0)), text)
+    assert torch.allclose(patch.attn2(q, k, k, options((8, 8), sigma=7.0)), text)
+    assert torch.allclose(patch.attn2(q, k, k, options((8, 8), sigma=0.5)), text)
+    assert not torch.allclose(patch.attn2(q, k, k, options((8, 8), sigma=3.0)), text)
 
 
 def test_refine_off_uses_the_base_level_only():
@@ -265,7 +267,7 @@ def test_refine_off_uses_the_base_level_only():
     off = RegionalAttentionPatch(adapter, tokens, layout, RegionalParams(refine=False))
     base = RegionalAttentionPatch(adapter, tokens[:, :1].clone(), layout, RegionalParams())
     q, k = torch.randn(1, 64, WIDTH), torch.randn(1, 77, WIDTH)
-    assert torch.allclose(off(q, k, k, options((8, 8))), base(q, k, k, options((8, 8))), atol=1e-6)
+    assert torch.allclose(off.attn2(q, k, k, options((8, 8))), base.attn2(q, k, k, options((8, 8))), atol=1e-6)
     assert not adapter.routed  # one level: no router call
 
 
@@ -281,14 +283,15 @@ def test_attention_backends_agree():
     layout = Layout(80, 48, (Region(box=(0.0, 0.0, 0.6, 0.7)), Region(box=(0.3, 0.2, 1.0, 1.0))))
     tokens = adapter.subject_tokens(torch.randn(2, 5, 16), None)
     q, k = torch.randn(2, 60, WIDTH), torch.randn(2, 77, WIDTH)
-    ref = RegionalAttentionPatch(adapter, tokens, layout, RegionalParams())(q, k, k, options((6, 10), (0, 0)))
+    ref = RegionalAttentionPatch(adapter, tokens, layout, RegionalParams()).attn2(q, k, k, options((6, 10), (0, 0)))
     for fn in (att.attention_basic, att.attention_pytorch, att.attention_sub_quad, att.attention_split):
-        got = RegionalAttentionPatch(adapter, tokens, layout, RegionalParams(), attention=fn)(
+        got = RegionalAttentionPatch(adapter, tokens, layout, RegionalParams(), attention=fn).attn2(
             q, k, k, options((6, 10), (0, 0)))
         assert torch.allclose(got, ref, atol=1e-5), (fn.__name__, (got - ref).abs().max())
 
 
-def test_cache_is_built_once_and_cleared():
+def test_cache_is_built_once_per_run_and_kept_only_in_the_run():
+    """K/V once per run (the run dict the host hands in), the router once per step; the patch keeps nothing."""
     adapter = StandInAdapter({KEY: (CROSS, WIDTH)}, levels=4)
     layout = Layout(64, 64, (Region(box=(0.1, 0.1, 0.9, 0.9)),))
     tokens = adapter.subject_tokens(torch.randn(1, 5, 16), None)
@@ -296,14 +299,17 @@ def test_cache_is_built_once_and_cleared():
     calls = []
     orig = adapter.kv
     adapter.kv = lambda key: calls.append(key) or orig(key)
+    attributes = dict(vars(patch))
     q, k = torch.randn(1, 64, WIDTH), torch.randn(1, 77, WIDTH)
+    run: dict = {}
     for sigma in (9.0, 5.0, 1.0):
         for _ in range(2):
-            patch(q, k, k, options((8, 8), sigma=sigma))
+            patch.attn2(q, k, k, options((8, 8), sigma=sigma), run)
     assert calls == [KEY]  # projections once per run, not per step or call
     assert adapter.routed == pytest.approx([0.9, 0.5, 0.1])  # the router once per step
-    patch.clear()
-    assert patch.cache == {}
+    assert run and vars(patch) == attributes  # everything went in the run's dict, nothing into the patch
+    patch.attn2(q, k, k, options((8, 8), sigma=1.0))  # a call outside a run: computed afresh, nothing kept
+    assert calls == [KEY, KEY] and vars(patch) == attributes
 
 
 # --------------------------------------------------------------------------- on the tiny SDXL UNet (ComfyUI)
@@ -343,7 +349,9 @@ def _apply(unet, *, semantics="joint", levels=1, params=None, layout=None, n=2, 
 
 
 def _patches(model) -> dict:
-    return model.model_options["transformer_options"].get("patches_replace", {}).get("attn2", {})
+    """The regional patch at every attn2 key of a model (behind its lifecycle hooks)."""
+    table = model.model_options["transformer_options"].get("patches_replace", {}).get("attn2", {})
+    return {key: hook.patch for key, hook in table.items()}
 
 
 def _sample(model, cond, cfg=3.0, steps=3, callback=None):
@@ -375,7 +383,7 @@ def test_patches_a_clone_in_the_chosen_blocks_including_middle(unet):
     assert not _patches(unet[1])
 
 
-def test_base_model_unchanged_after_apply_and_sampling(unet):
+def test_base_model_unchanged_after_apply_and_sampling(unet, runs):
     """The MODEL passed in keeps its options, wrappers and outputs; the patched clone really differs."""
     import copy
 
@@ -385,26 +393,12 @@ def test_base_model_unchanged_after_apply_and_sampling(unet):
     before = _sample(base, cond)
     model, _ = _apply(unet, semantics="joint", levels=4, params=RegionalParams(weight=1.0, blocks="all"))
     patched = _sample(model, cond)
+    assert len(runs.states) == 1 and runs.states[0].held and not runs.leftover()  # the run's cache, freed at its end
     after = _sample(base, cond)
     assert base.model_options == options_before
     assert {k: dict(v) for k, v in base.wrappers.items()} == wrappers_before
     assert torch.equal(before, after)
     assert (patched - before).abs().max() > 1e-4
-    patch = next(iter(_patches(model).values()))
-    assert patch.cache == {}  # dropped after the run
-
-
-def test_interrupted_run_leaves_no_cache(unet):
-    model, _ = _apply(unet)
-    patch = next(iter(_patches(model).values()))
-
-    def stop(step, *args):
-        assert patch.cache, "the cache is built during the run"
-        raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        _sample(model, unet[3], callback=stop)
-    assert patch.cache == {}
 
 
 def test_routing_reads_each_steps_sigma(unet):
@@ -440,7 +434,7 @@ def test_locality_at_every_patched_resolution(unet, semantics):
     calls = []
     def recorder(q, k, v, eo):
         calls.append((q.clone(), k.clone(), v.clone(), dict(eo)))
-        return patch(q, k, v, eo)
+        return patch.attn2(q, k, v, eo)
 
     for key in list(_patches(model)):
         model.set_model_attn2_replace(recorder, *key)
@@ -449,8 +443,8 @@ def test_locality_at_every_patched_resolution(unet, semantics):
     for q, k, v, eo in calls:
         lo = RegionalAttentionPatch(module, patch.tokens, layout, RegionalParams(subject_weights=(1.0, 1.0)))
         hi = RegionalAttentionPatch(module, patch.tokens, layout, RegionalParams(subject_weights=(3.0, 1.0)))
-        diff = (hi(q, k, v, eo) - lo(q, k, v, eo)).abs().amax(-1)  # [B, P]
-        h, w = token_grid(q.shape[1], 12, 20)
+        diff = (hi.attn2(q, k, v, eo) - lo.attn2(q, k, v, eo)).abs().amax(-1)  # [B, P]
+        h, w = grid_of_tokens(q.shape[1], 12, 20)
         grids.add((h, w))
         inside = layout.masks(h, w, edge="binary" if semantics == "joint" else "coverage")[0].flatten() > 0
         assert diff[:, ~inside].max() == 0, eo["block"]
@@ -530,7 +524,7 @@ def test_real_r3_file_gates_at_several_sigmas(unet, routing, schedule):
         assert torch.allclose(patch.gates(14.6)[[0, 3]], torch.tensor([t14 := float(sampling.timestep(
             torch.tensor([14.6]))[0]) / 1000, 1 - t14]), atol=1e-6)
     out = _sample(model, cond, steps=2)
-    assert torch.isfinite(out).all() and patch.cache == {}
+    assert torch.isfinite(out).all()
 
 
 def test_chained_on_an_earlier_attn2_patch(unet):
@@ -542,14 +536,16 @@ def test_chained_on_an_earlier_attn2_patch(unet):
 
     twice = node.apply_sdxl(once, Adapter("sdxl", module.format, module), _features(2), Layout(
         160, 96, (Region(box=(0.0, 0.0, 0.5, 0.5)), Region(box=(0.5, 0.5, 1.0, 1.0)))), RegionalParams(blocks="all"))
-    first, second = _patches(once)[("input", 4, 0)], _patches(twice)[("input", 4, 0)]
-    assert second is not first and second.previous[("input", 4, 0)] is first
+    table = lambda m: m.model_options["transformer_options"]["patches_replace"]["attn2"]  # noqa: E731
+    first, second = table(once)[("input", 4, 0)], table(twice)[("input", 4, 0)]
+    assert second.patch is not first.patch and second.previous is first and second.key != first.key
     q, k = torch.randn(1, 60, 64), torch.randn(1, 77, 64)
     eo = {"n_heads": 8, "dim_head": 8, "block": ("input", 4), "block_index": 0, "original_shape": [1, 4, 12, 20],
           "cond_or_uncond": [0], "sigmas": torch.tensor([1.0])}
     text = sdpa_attention(q, k, k, 8)
     added = second(q, k, k, eo) - text
-    regional = second.image_attention(q, ("input", 4, 0), 6, 10, 1.0, 8)
+    regional = second.patch.image_attention(q, ("input", 4, 0), 6, 10, 1.0, 8)
+    # a tolerance: comfy's attention backend and the plain SDPA reference sum in different orders
     assert torch.allclose(added, (first(q, k, k, eo) - text) + regional, atol=1e-5)
 
 

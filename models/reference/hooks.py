@@ -1,0 +1,156 @@
+"""FLUX reference branch, hooks: the patch object a model carries and the per-call reference stream.
+
+``ReferencePatch`` is what ``nodes/lifecycle.py`` installs: ``model_function`` (the model-function wrapper)
+prepares this branch's reference stream for one model call and puts it in that call's own copy of
+``transformer_options``; ``dit_block`` (every double and single block) runs the block over ``[txt | img |
+references of every stream]``. The patch never changes while sampling: what a run computes once (embedded
+reference tokens, RoPE table, masks, DEM output, the ``self_cached`` K/V) goes in the ``run`` dict the host
+hands in, emptied when the run ends. Plain torch.
+
+Chains: a replace patch already at a block (the FLUX adapter) is kept and called with the joint block as
+its ``original_block``. Several reference branches on one model (two nodes in a chain) join one joint
+attention: the outermost block hook runs every prepared stream, each branch's references placed left of the
+previous branch's, and tells the inner ones (``JOINT`` in ``extra``) to pass the call on.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import torch
+
+from ..layout.grid import token_grid
+from .blocks import Stream, double_block, reference_pe, reference_tokens, reference_vec, self_cached_kv, single_block
+from .branch import STATE_KEY, AttentionFn, ReferenceBranch, sdpa_attention
+
+JOINT = "troupe_reference_joint"  # in a block hook's ``extra``: its original block already runs every stream
+MAX_ENTRIES = 8  # conditions (pooled vectors) a run keeps the reference tokens / K/V of
+
+
+def branch_dtype(branch: ReferenceBranch):
+    """The dtype the DiT computes in (its manual-cast dtype when the weights are stored narrower)."""
+    return getattr(branch, "compute_dtype", None) or getattr(branch.dit, "dtype", None) or torch.float32
+
+
+def run_lora(branch: ReferenceBranch, run: dict, device, dtype):
+    """The branch's LoRA on the model's device and dtype, moved once per run and kept in the run's state only."""
+    if branch.lora is None:
+        return None
+    key = ("lora", str(device), dtype)
+    if key not in run:
+        run[key] = dataclasses.replace(branch.lora, _moved={}).to(device, dtype)  # the shared LoRA stays as it is
+    return run[key]
+
+
+def prepare_stream(branch: ReferenceBranch, x: torch.Tensor, y: torch.Tensor | None, attention: AttentionFn,
+                   run: dict | None = None, transformer_options=None, item_positions=None, item_blocked=None,
+                   column_offset: int = 0) -> Stream:
+    """The reference stream for one model call on noisy latents x [B, C, H, W] (once-per-run parts in ``run``).
+
+    The embedded reference tokens and, in the ``self_cached`` mode, every block's reference K/V are computed
+    once per run and condition (pooled vector), then reused at every step; ``column_offset`` places the
+    references left of another branch's (``ReferenceBranch.width`` columns each).
+    """
+    run = {} if run is None else run
+    dtype, device, batch = x.dtype, x.device, x.shape[0]
+    lora = run_lora(branch, run, device, dtype)
+    vec = reference_vec(branch.dit, y, batch, branch.options, dtype, device)
+    pe_cache = run.setdefault("pe", {})
+    pe_key = (batch, str(device), column_offset)
+    if pe_key not in pe_cache:
+        pe_cache[pe_key] = reference_pe(branch, batch, device, column_offset)
+    pe = pe_cache[pe_key]
+    img_grid = token_grid(int(x.shape[-2]), int(x.shape[-1]), branch.patch)
+    entries = run.setdefault("entries", [])
+    tokens = next((e["tokens"] for e in entries if e["tokens"].dtype == dtype and e["tokens"].device == device),
+                  None)
+    if tokens is None:
+        tokens = reference_tokens(branch, lora, dtype, device)
+    stream = Stream(branch, tokens.expand(batch, -1, -1), vec, pe, img_grid, lora, item_positions=item_positions,
+                    item_blocked=item_blocked, masks=run.setdefault("masks", {}))
+    if branch.options.attention == "self_cached":
+        stream.kv = next((e["kv"] for e in entries if e["kv"] is not None and e["offset"] == column_offset
+                          and e["vec"].shape == vec.shape and torch.equal(e["vec"], vec)), None)
+        if stream.kv is None:
+            stream.kv = self_cached_kv(branch, stream, attention, transformer_options)
+            entries.append({"tokens": tokens, "vec": vec, "kv": stream.kv, "offset": column_offset})
+        stream.x = None
+    elif not entries:
+        entries.append({"tokens": tokens, "vec": vec, "kv": None, "offset": column_offset})
+    del entries[:-MAX_ENTRIES]
+    return stream
+
+
+def aligned_context(branch: ReferenceBranch, run: dict, context: torch.Tensor, is_cond: list[bool]):
+    """AlignGen's S* + DEM (Sec. 3.2 of 002) on the conditioning, computed once per run and condition."""
+    key = (tuple(is_cond), tuple(context.shape))
+    entries = run.setdefault("dem", [])
+    for k, ctx, out in entries:
+        if k == key and torch.equal(ctx, context):
+            return out
+    out = branch.dem.compute(context, is_cond)
+    entries.append((key, context, out))
+    del entries[:-4]
+    return out
+
+
+class ReferencePatch:
+    """The reference branch on a model: a model-function hook and a hook for every double and single block."""
+
+    def __init__(self, branch: ReferenceBranch, attention: AttentionFn = sdpa_attention) -> None:
+        self.branch, self.attention = branch, attention
+
+    def model_function(self, apply_model, params: dict, run: dict, previous: Callable | None = None):
+        """Prepares this branch's stream for one model call (in the call's own options), then runs the model."""
+        if not self.branch.latents:  # no references: the model runs exactly as without this wrapper
+            if previous is not None:
+                return previous(apply_model, params)
+            return apply_model(params["input"], params["timestep"], **params["c"])
+        x, c = params["input"], dict(params["c"])
+        to = dict(c.get("transformer_options") or {})
+        cond_or_uncond = list(params.get("cond_or_uncond") or [0])
+        per_chunk = max(1, x.shape[0] // max(1, len(cond_or_uncond)))
+        is_cond = [cu == 0 for cu in cond_or_uncond for _ in range(per_chunk)]
+        branch = self.branch
+        item_positions = item_blocked = None
+        if branch.dem is not None:
+            c["c_crossattn"], item_positions, item_blocked = aligned_context(branch, run, c["c_crossattn"], is_cond)
+        elif branch.options.selective_text and branch.concept_positions is not None:
+            empty = [[] for _ in branch.concept_positions]
+            item_positions = [branch.concept_positions if cond else empty for cond in is_cond]
+        outer = to.get(STATE_KEY) or {}  # streams of reference branches outside this one, already prepared
+        stream = prepare_stream(branch, x.to(branch_dtype(branch)), c.get("y"), self.attention, run, to,
+                                item_positions, item_blocked, sum(s.branch.width for s in outer.values()))
+        stream.n_txt = int(c["c_crossattn"].shape[1])
+        to[STATE_KEY] = {**outer, id(self): stream}
+        c["transformer_options"] = to
+        params = {**params, "c": c}
+        try:
+            if previous is not None:
+                return previous(apply_model, params)
+            return apply_model(params["input"], params["timestep"], **c)
+        finally:
+            stream.x = stream.kv = None
+            stream.masks, stream.joint_masks = {}, {}  # the run's state keeps the masks for the next steps
+
+    def dit_block(self, block: tuple[str, int], args: dict, extra: dict, run: dict,
+                  previous: Callable | None = None) -> dict:
+        """Runs the block over ``[txt | img | every stream's references]``; without streams, unchanged."""
+        inner = extra["original_block"]
+        streams = list(((args.get("transformer_options") or {}).get(STATE_KEY) or {}).values())
+        if extra.get(JOINT) or not streams:
+            return previous(args, extra) if previous is not None else inner(args)
+        kind, index = block[0].removesuffix("_block"), int(block[1])
+        dit = self.branch.dit
+
+        def joint(a: dict) -> dict:
+            to = a.get("transformer_options")
+            if kind == "double":
+                img, txt = double_block(dit.double_blocks[index], index, a["img"], a["txt"], a["vec"], a["pe"],
+                                        a.get("attn_mask"), streams, self.attention, to)
+                return {"img": img, "txt": txt}
+            img = single_block(dit.single_blocks[index], index, a["img"], a["vec"], a["pe"], a.get("attn_mask"),
+                               streams[0].n_txt, streams, self.attention, to)
+            return {"img": img}
+
+        return previous(args, {**extra, "original_block": joint, JOINT: True}) if previous is not None else joint(args)

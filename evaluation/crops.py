@@ -34,9 +34,9 @@ def check_crop_mode(mode: str) -> str:
 def box_slice(box: Sequence[float], height: int, width: int) -> tuple[int, int, int, int]:
     """Pixel rows and columns (top, bottom, left, right; end exclusive) a normalised box touches, at least one each."""
     x0, y0, x1, y1 = (float(v) for v in box)
-    top, left = min(int(math.floor(y0 * height + 1e-9)), height - 1), min(int(math.floor(x0 * width + 1e-9)), width - 1)
-    bottom = max(top + 1, min(height, int(math.ceil(y1 * height - 1e-9))))
-    right = max(left + 1, min(width, int(math.ceil(x1 * width - 1e-9))))
+    top, left = min(math.floor(y0 * height + 1e-9), height - 1), min(math.floor(x0 * width + 1e-9), width - 1)
+    bottom = max(top + 1, min(height, math.ceil(y1 * height - 1e-9)))
+    right = max(left + 1, min(width, math.ceil(x1 * width - 1e-9)))
     return top, bottom, left, right
 
 

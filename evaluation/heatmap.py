@@ -1,6 +1,7 @@
 """The subject x region matrices drawn as heat-maps with their numbers: subject thumbnails across, region crops down."""
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -86,7 +87,7 @@ def draw_panel(img: Image.Image, origin: tuple[int, int], title: str, m: Subject
             d.text((x + (CELL - (tb[2] - tb[0])) // 2, y + CELL // 2 - 9), text,
                    fill=(0, 0, 0) if t > 0.55 else (255, 255, 255), font=font)
         mv = float(margins[r])
-        label = "-" if mv != mv else f"{mv:+.3f}"
+        label = "-" if math.isnan(mv) else f"{mv:+.3f}"
         d.text((gx + n * CELL + 10, y + CELL // 2 - 9), label,
                fill=(20, 120, 20) if mv > 0 else (180, 30, 30), font=font)
     d.text((ox + PAD + 4, oy + HEAD + CELL // 2 - 20), "subjects ->", fill=(90, 90, 90), font=small)

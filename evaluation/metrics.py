@@ -11,7 +11,6 @@ The subject x region matrix (rows: the generated image's region crops, columns: 
 """
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass

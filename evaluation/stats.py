@@ -1,6 +1,7 @@
 """Comparing two settings: the paired mean difference of a metric and its percentile bootstrap 95% confidence interval."""
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -48,7 +49,7 @@ def paired_difference(metric: str, a: Sequence[float], b: Sequence[float], resam
     if len(a) != len(b):
         raise ValueError(f"{metric}: {len(a)} values for one setting but {len(b)} for the other; pair them by case "
                          "and seed")
-    pairs = [(x, y) for x, y in zip(a, b) if x is not None and y is not None and x == x and y == y]
+    pairs = [(x, y) for x, y in zip(a, b) if x is not None and y is not None and not (math.isnan(x) or math.isnan(y))]
     if not pairs:
         nan = float("nan")
         return Difference(metric, 0, nan, nan, nan, nan, nan)

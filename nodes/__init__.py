@@ -6,7 +6,9 @@ from comfy_api.latest import ComfyExtension, io
 from .adapter import TroupeLoadAdapter
 from .dino import TroupeEncodeDINO
 from .encoding import TroupeEncodeSubjects, TroupeFusionWeightsPreview, TroupeGranularity, TroupeLoadFusion
+from .fidelity import TroupeFidelity
 from .flux import TroupeApplyFLUX
+from .image_text import TroupeImageTextCLIP, TroupeLoadOpenCLIP
 from .layout import TroupeLayout, TroupeLayoutFromMasks, TroupeLayoutPreview, TroupeLayoutToMasks
 from .paths import register_model_folders
 from .reference_branch import TroupeAttentionMaskPreview, TroupeReferenceBranch
@@ -32,6 +34,9 @@ NODES: list[type[io.ComfyNode]] = [
     TroupeApplySDXL,
     TroupeReferenceBranch,
     TroupeAttentionMaskPreview,
+    TroupeLoadOpenCLIP,
+    TroupeImageTextCLIP,
+    TroupeFidelity,
 ]
 
 

@@ -22,13 +22,13 @@ NONE = "none"
 # --------------------------------------------------------------------------- sources
 
 
-def comfy_dino_encoder(clip_vision) -> DinoEncoder:
+def comfy_dino_encoder(clip_vision, node: str = NODE, input_name: str = "clip_vision") -> DinoEncoder:
     """ComfyUI's own DINOv2 (Load CLIP Vision, large/giant): fixed 518 px, no registers."""
     import comfy.image_encoders.dino2
 
     model = getattr(clip_vision, "model", None)
     if not isinstance(model, comfy.image_encoders.dino2.Dinov2Model):
-        raise node_error(NODE, "clip_vision", f"got a {type(model).__name__}, not a DINOv2 model; for "
+        raise node_error(node, input_name, f"got a {type(model).__name__}, not a DINOv2 model; for "
                          "CLIP/SigLIP use TroupeEncodeSubjects, here load a DINOv2 file with Load CLIP Vision or "
                          "pick a DINO folder in 'dino_model'")
     patch = int(model.embeddings.patch_embeddings.projection.kernel_size[0])
@@ -43,19 +43,19 @@ def comfy_dino_encoder(clip_vision) -> DinoEncoder:
 _HF_CACHE: dict[tuple[str, float], tuple[DinoEncoder, comfy.model_patcher.ModelPatcher]] = {}
 
 
-def hf_dino_encoder(name: str) -> DinoEncoder:
+def hf_dino_encoder(name: str, node: str = NODE) -> DinoEncoder:
     """A HF DINOv2/DINOv3 folder from models/dino, kept loaded (one at a time) and managed by ComfyUI."""
     try:
         folder = paths.hf_folder_path("dino", name)
     except ValueError as e:
-        raise node_error(NODE, "dino_model", str(e)) from None
+        raise node_error(node, "dino_model", str(e)) from None
     key = (folder, max(os.path.getmtime(os.path.join(folder, f)) for f in os.listdir(folder)))
     if key not in _HF_CACHE:
         _HF_CACHE.clear()
         try:
             encoder = load_hf_dino(folder)
         except DinoModelError as e:
-            raise node_error(NODE, "dino_model", str(e)) from None
+            raise node_error(node, "dino_model", str(e)) from None
         load_device = comfy.model_management.text_encoder_device()
         patcher = comfy.model_patcher.ModelPatcher(encoder.model, load_device=load_device,
                                                    offload_device=comfy.model_management.text_encoder_offload_device())

@@ -5,12 +5,13 @@ import os
 
 import folder_paths
 
-# troupe: fusion weights and adapters (safetensors / safe .bin); dino: local HF DINOv2/DINOv3 folders.
-FOLDERS = ("troupe", "dino")
+# troupe: fusion weights and adapters (safetensors / safe .bin); dino: local HF DINOv2/DINOv3 folders;
+# openclip: OpenCLIP folders (open_clip_config.json + weights) or weight files for the fidelity metrics.
+FOLDERS = ("troupe", "dino", "openclip")
 
 
 def register_model_folders() -> None:
-    """Add ``models/troupe`` and ``models/dino`` (keeping any extra paths the user configured)."""
+    """Add ``models/troupe``, ``models/dino`` and ``models/openclip`` (keeping any extra paths the user configured)."""
     for name in FOLDERS:
         default = os.path.join(folder_paths.models_dir, name)
         if name in folder_paths.folder_names_and_paths:

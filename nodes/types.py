@@ -16,3 +16,5 @@ ClipFeatures = io.Custom("TROUPE_CLIP_FEATURES")
 DinoFeatures = io.Custom("TROUPE_DINO_FEATURES")
 # A loaded adapter file: family ('sdxl' | 'flux'), format found, modules (models.adapter_file.Adapter).
 Adapter = io.Custom("TROUPE_ADAPTER")
+# Fidelity metrics' model: image tower (CLIP-I), optional text tower (CLIP-T) (evaluation.backbones.ImageTextModel).
+ImageText = io.Custom("TROUPE_IMAGE_TEXT")

@@ -49,6 +49,7 @@ FLUX_TEXT = 8
 FLUX_SIGMA = 0.7
 FLUX_GUIDANCE = 3.5
 FLUX_CONTEXT = 256  # the adapters' token width (4096 in the real files; any width loads)
+FLUX_WEIGHT = 2.0
 
 
 def randn(gen: torch.Generator, *shape: int, std: float = 1.0) -> torch.Tensor:
@@ -279,7 +280,7 @@ def instantx(root: Path) -> None:
     """InstantX's FLUX IP-Adapter through its ComfyUI port: MLPProjModel, IPAFluxAttnProcessor2_0 in every
     double and single block (FluxUpdateModules), two subjects chained as two apply nodes."""
     from fixtures.flux_adapters import instantx_state_dict
-    from fixtures.tiny_models import tiny_flux
+    from fixtures.goldens import golden_flux
 
     port = upstream("instantx_port", root)
     upstream("instantx_port.flux", root / "flux")
@@ -290,7 +291,7 @@ def instantx(root: Path) -> None:
                                  dtype=torch.float32)
     proj = ipa.MLPProjModel(cross_attention_dim=FLUX_CONTEXT, id_embeddings_dim=48, num_tokens=4)
     proj.load_state_dict(nested["image_proj"])
-    weight = 0.8
+    weight = FLUX_WEIGHT
     names = [f"double_blocks.{i}" for i in range(2)] + [f"single_blocks.{i}" for i in range(2)]
     procs = {name: procs_mod.IPAFluxAttnProcessor2_0(hidden_size=64, cross_attention_dim=FLUX_CONTEXT, num_tokens=4,
                                                      scale=weight, timestep_range=None) for name in names}
@@ -298,7 +299,7 @@ def instantx(root: Path) -> None:
     gen = torch.Generator().manual_seed(103)
     pooled = randn(gen, 2, 48)
     inputs = flux_inputs(gen)
-    model = tiny_flux(seed=1)
+    model = golden_flux()
     bi = model.clone()
     with torch.no_grad():
         embeds = [proj(pooled[i:i + 1]) for i in range(2)]
@@ -313,14 +314,15 @@ def instantx(root: Path) -> None:
     tensors = {**inputs, "pooled": pooled, "out": out, **tiny_flux_fingerprint(model.model.diffusion_model)}
     tensors.update({f"adapter.image_proj.{k}": v for k, v in nested["image_proj"].items()})
     tensors.update({f"adapter.ip_adapter.{k}": v for k, v in nested["ip_adapter"].items()})
-    save("instantx_flux", tensors, {**source(root), "weight": str(weight), "model": "tiny_flux(seed=1)",
+    save("instantx_flux", tensors, {**source(root), "weight": str(weight), "model": "golden_flux()",
                                     "subjects": "2, each its own ApplyIPAdapterFlux (chained), no mask"})
 
 
 def xlabs(root: Path) -> None:
     """XLabs' FLUX IP-Adapter: x-flux's Flux with IPDoubleStreamBlockProcessor on every double block."""
     from fixtures.flux_adapters import xlabs_state_dict
-    from fixtures.tiny_models import TINY_FLUX_DIT, tiny_flux
+    from fixtures.goldens import golden_flux
+    from fixtures.tiny_models import TINY_FLUX_DIT
 
     xf = upstream("xflux", root / "src" / "flux")
     model_mod = importlib.import_module(f"{xf}.model")
@@ -332,7 +334,7 @@ def xlabs(root: Path) -> None:
                                   depth_single_blocks=c["depth_single_blocks"], axes_dim=c["axes_dim"],
                                   theta=c["theta"], qkv_bias=c["qkv_bias"], guidance_embed=c["guidance_embed"])
     flux = model_mod.Flux(params)
-    comfy_model = tiny_flux(seed=1)
+    comfy_model = golden_flux()
     flux.load_state_dict(comfy_model.model.diffusion_model.state_dict(), strict=True)
     sd = xlabs_state_dict(pooled=48, context=FLUX_CONTEXT, tokens=4, hidden=64, double=2, seed=9)
     improj = layers.ImageProjModel(FLUX_CONTEXT, 48, 4)
@@ -358,7 +360,7 @@ def xlabs(root: Path) -> None:
     ids = torch.zeros(h // 2, w // 2, 3)
     ids[..., 1] = torch.arange(h // 2)[:, None]
     ids[..., 2] = torch.arange(w // 2)[None, :]
-    weight = 0.8
+    weight = FLUX_WEIGHT
     with torch.no_grad():
         out = flux(img=img, img_ids=ids.reshape(1, -1, 3), txt=inputs["context"],
                    txt_ids=torch.zeros(1, FLUX_TEXT, 3), timesteps=inputs["timestep"], y=inputs["y"],
@@ -366,7 +368,7 @@ def xlabs(root: Path) -> None:
     out = out.reshape(b, h // 2, w // 2, ch, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, ch, h, w)
     tensors = {**inputs, "embeds": embeds, "out": out, **tiny_flux_fingerprint(comfy_model.model.diffusion_model)}
     tensors.update({f"adapter.{k}": v for k, v in sd.items()})
-    save("xlabs_flux", tensors, {**source(root), "weight": str(weight), "model": "tiny_flux(seed=1) weights",
+    save("xlabs_flux", tensors, {**source(root), "weight": str(weight), "model": "golden_flux() weights",
                                  "subjects": "1 (x-flux takes one image prompt)"})
 
 
@@ -375,8 +377,9 @@ def mosaic(root: Path) -> None:
     references at inference.py's position deltas, timestep 0 and guidance 1, group mask without ref-to-ref."""
     import comfy.utils
     from diffusers import FluxPipeline, FluxTransformer2DModel
+    from fixtures.goldens import golden_flux
     from fixtures.reference_loras import mosaic_lora_state_dict
-    from fixtures.tiny_models import TINY_FLUX_DIT, tiny_flux
+    from fixtures.tiny_models import TINY_FLUX_DIT
 
     mo = upstream("mosaic", root / "src")
     omini = importlib.import_module(f"{mo}.flux_omini")
@@ -387,7 +390,7 @@ def mosaic(root: Path) -> None:
                                          num_attention_heads=c["num_heads"], joint_attention_dim=c["context_in_dim"],
                                          pooled_projection_dim=c["vec_in_dim"], guidance_embeds=True,
                                          axes_dims_rope=tuple(c["axes_dim"]))
-    comfy_model = tiny_flux(seed=1)
+    comfy_model = golden_flux()
     comfy_sd = comfy_model.model.diffusion_model.state_dict()
     dsd = {}
     for dkey, spec in comfy.utils.flux_to_diffusers(c).items():  # ComfyUI's own FLUX key map
@@ -441,7 +444,7 @@ def mosaic(root: Path) -> None:
     out = FluxPipeline._unpack_latents(out, FLUX_LATENT[0] * 8, FLUX_LATENT[1] * 8, 8)
     tensors = {**inputs, "out": out, "ref_latent_0": ref_latents[0][0], "ref_latent_1": ref_latents[1][0],
                "ref_ids_0": ref_ids[0], "ref_ids_1": ref_ids[1], **tiny_flux_fingerprint(comfy_model.model.diffusion_model)}
-    save("mosaic_reference", tensors, {**source(root), "model": "tiny_flux(seed=1) weights",
+    save("mosaic_reference", tensors, {**source(root), "model": "golden_flux() weights",
                                        "lora": "mosaic_lora_state_dict(rank=4, seed=7)",
                                        "references": "2 latents 16x8x8, position_delta [0, -(64 (i + 1)) // 16]"})
 

@@ -46,6 +46,9 @@ TROUPE = "troupe-flux"
 INSTANTX = "instantx-flux"
 XLABS = "xlabs-flux"
 ATTENTION, RESIDUAL = "attention", "residual"  # where the injection is added in a block
+# the reference crop each format was trained with (clip_features.CROPS): DynaIP's own files pad; InstantX's
+# SigLIP processor resizes to 384 x 384; XLabs uses CLIPImageProcessor (short side, centre crop)
+TRAINED_CROP = {"troupe-flux": "pad", "instantx-flux": "stretch", "xlabs-flux": "centre crop"}
 FORMATS = {
     TROUPE: "image_proj.proj.weight, double_blocks.{i}.to_k_ip.weight, single_blocks.{j}.to_k_ip.weight",
     INSTANTX: "image_proj.proj.0.weight, image_proj.proj.2.weight, ip_adapter.{0..n}.to_k_ip.weight",
@@ -165,6 +168,7 @@ class FluxImageAdapter(nn.Module):
     def __init__(self, config: FluxAdapterConfig, *, dtype=None, device=None, operations=nn) -> None:
         super().__init__()
         self.config = config
+        self.trained_crop = TRAINED_CROP[config.format]
         c = config
         if c.format in (INSTANTX, XLABS):
             self.image_proj = PooledProjection(c.encoder_dim, c.context_dim, c.num_tokens, mlp=c.pooled_mlp,

@@ -169,6 +169,29 @@ class Alignment:
         self._cache["entry"] = (key, run, context, out)
         return out
 
+    def context_index(self, n_context: int) -> torch.Tensor:
+        """For each token of the aligned context (T5 with S* inserted, Redux tokens removed), the index of the
+        same token in the conditioning StyleModelApply made, or -1 for an inserted S*."""
+        star, _ = insert_positions(self.label_positions)
+        old = [i for i in range(self.n_t5)]
+        for p in sorted(star):
+            old.insert(p, -1)
+        return torch.tensor(old + list(range(self.n_t5 + REDUX_TOKENS * len(self.label_positions), n_context)),
+                            dtype=torch.long)
+
+    def align_mask(self, mask: torch.Tensor, n_context: int) -> torch.Tensor:
+        """The attention mask StyleModelApply's ``attn_bias`` mode made for ``[context | image]`` [B, L, L],
+        re-indexed for the aligned context: the Redux rows and columns removed with their tokens, a zero (allowed)
+        row and column for each S*; the image part unchanged."""
+        n_img = mask.shape[-1] - n_context
+        idx = torch.cat([self.context_index(n_context), torch.arange(n_context, n_context + n_img)]).to(mask.device)
+        keep = idx >= 0
+        out = mask.new_zeros(*mask.shape[:-2], idx.numel(), idx.numel())
+        src = idx.clamp(min=0)
+        picked = mask.index_select(-2, src).index_select(-1, src)
+        both = keep[:, None] & keep[None, :]
+        return torch.where(both, picked, out)
+
     def compute(self, context: torch.Tensor, is_cond: Sequence[bool]):
         n_subj = len(self.label_positions)
         need = self.n_t5 + REDUX_TOKENS * n_subj

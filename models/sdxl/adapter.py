@@ -26,6 +26,10 @@ from .router import Schedule, TimestepRouter, route
 
 FORMATS = ("troupe-r3", "ms-diffusion", "ip-adapter-plus-sdxl", "ip-adapter-sdxl")
 JOINT_FORMATS = ("troupe-r3", "ms-diffusion")
+# the reference crop each format's training made (clip_features.CROPS): MS-Diffusion resizes references to a
+# square (R^3 files continue its training); IP-Adapter uses CLIPImageProcessor (short side, centre crop)
+TRAINED_CROP = {"troupe-r3": "stretch", "ms-diffusion": "stretch", "ip-adapter-plus-sdxl": "centre crop",
+                "ip-adapter-sdxl": "centre crop"}
 
 # ComfyUI's SDXL transformer modules in the files' (diffusers) order, with their full-size depths.
 SDXL_MODULES: tuple[tuple[str, int], ...] = (
@@ -82,6 +86,7 @@ class SdxlAdapter(nn.Module):
         kw = dict(dtype=dtype, device=device)
         self.format = format
         self.semantics = "joint" if format in JOINT_FORMATS else "separate"
+        self.trained_crop = TRAINED_CROP[format]
         self.cross_dim = int(cross_dim)
         if resampler is not None:
             if resampler.output_dim != cross_dim:

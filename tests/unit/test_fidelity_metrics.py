@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from fixtures.pasted_msbench import pasted_case
 from fixtures.tiny_openclip import tiny_openclip_folder
-from PIL import Image
 
 from comfyui_troupe.evaluation.backbones import ImageTextModel, ImageTower
 from comfyui_troupe.evaluation.crops import box_slice, prepare, region_crops
@@ -171,45 +171,6 @@ def test_center_crop_mode_cuts_the_middle_square():
 
 
 # --------------------------------------------------------------------------- a real MS-Bench case
-
-
-def photo(msbench, rel: str) -> torch.Tensor:
-    img = Image.open(msbench / rel).convert("RGB")
-    return torch.from_numpy(np.asarray(img).astype(np.float32) / 255.0)
-
-
-def cut_to_aspect(photo_: torch.Tensor, bh: int, bw: int) -> torch.Tensor:
-    """The centre of a photo with the box's aspect ratio: the reference whose box crop is itself, resized."""
-    h, w = photo_.shape[:2]
-    if w * bh > h * bw:
-        nw = round(h * bw / bh)
-        return photo_[:, (w - nw) // 2:(w - nw) // 2 + nw]
-    nh = round(w * bh / bw)
-    return photo_[(h - nh) // 2:(h - nh) // 2 + nh]
-
-
-def resized(image: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    x = F.interpolate(image.permute(2, 0, 1)[None], size=(h, w), mode="bicubic", align_corners=False, antialias=True)
-    return x[0].permute(1, 2, 0).clamp(0, 1)
-
-
-def pasted_case(msbench, combination: str = "living_object"):
-    """MS-Bench's boxes for a combination, each subject's reference (its photo cut to the box's aspect) pasted in."""
-    import json
-
-    spec = json.loads((msbench / "msbench.json").read_text())
-    boxes = spec["combinations"][combination]["boxes"]
-    names = {"living_object": ["dog", "teapot"], "living_living_living": ["cat", "dog2", "dog5"],
-             "object_object_object": ["clock", "teapot", "backpack"]}[combination]
-    w = h = 512
-    canvas = torch.full((h, w, 3), 0.5)
-    refs = []
-    for box, name in zip(boxes, names):
-        top, bottom, left, right = box_slice(box, h, w)
-        refs.append(cut_to_aspect(photo(msbench, spec["subjects"][name]["image"]), bottom - top, right - left))
-        canvas[top:bottom, left:right] = resized(refs[-1], bottom - top, right - left)
-    layout = Layout(w, h, tuple(Region(box=tuple(b)) for b in boxes))
-    return canvas, layout, [SubjectRefs(n, r[None]) for n, r in zip(names, refs)]
 
 
 @pytest.mark.parametrize("combination", ["living_object", "living_living_living", "object_object_object"])

@@ -59,6 +59,7 @@ def draw_panel(img: Image.Image, origin: tuple[int, int], title: str, m: Subject
     values = m.matrix.float()
     lo, hi = float(values.min()), float(values.max())
     span = hi - lo if hi - lo > 1e-12 else 1.0
+    digits = 3 if hi - lo >= 0.01 else 4 if hi - lo >= 0.001 else 5  # enough to tell the cells apart
     gx, gy = ox + PAD + CELL, oy + HEAD + CELL  # the grid's top-left corner
     for s in range(n):  # columns: subjects
         colour = hex_rgb(PALETTE[s % len(PALETTE)])
@@ -82,12 +83,12 @@ def draw_panel(img: Image.Image, origin: tuple[int, int], title: str, m: Subject
             d.rectangle((x + 1, y + 1, x + CELL - 2, y + CELL - 2), fill=ramp(t))
             if r == s:
                 d.rectangle((x + 1, y + 1, x + CELL - 2, y + CELL - 2), outline=(255, 255, 255), width=3)
-            text = f"{v:.3f}"
+            text = f"{v:.{digits}f}"
             tb = d.textbbox((0, 0), text, font=font)
             d.text((x + (CELL - (tb[2] - tb[0])) // 2, y + CELL // 2 - 9), text,
                    fill=(0, 0, 0) if t > 0.55 else (255, 255, 255), font=font)
         mv = float(margins[r])
-        label = "-" if math.isnan(mv) else f"{mv:+.3f}"
+        label = "-" if math.isnan(mv) else f"{mv:+.{digits}f}"
         d.text((gx + n * CELL + 10, y + CELL // 2 - 9), label,
                fill=(20, 120, 20) if mv > 0 else (180, 30, 30), font=font)
     d.text((ox + PAD + 4, oy + HEAD + CELL // 2 - 20), "subjects ->", fill=(90, 90, 90), font=small)

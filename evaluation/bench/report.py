@@ -22,8 +22,9 @@ h1{font-size:22px} h2{font-size:17px;margin-top:28px} .prompt{color:#555;font-st
 table{border-collapse:collapse;margin:8px 0} td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px}
 th{background:#eee} td.num{text-align:right;font-variant-numeric:tabular-nums}
 .pos{color:#17751a;font-weight:600} .neg{color:#b3261e;font-weight:600}
-.grid{display:flex;flex-wrap:wrap;gap:16px} .cell{background:#fff;border:1px solid #ddd;padding:8px;width:340px}
-.cell h3{font-size:14px;margin:0 0 6px} img.output{width:320px;display:block} img.heatmap{max-width:100%}
+.grid{display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start}
+.cell{background:#fff;border:1px solid #ddd;padding:8px;width:fit-content;max-width:680px}
+.cell h3{font-size:14px;margin:0 0 6px} img.output{width:320px;display:block} img.heatmap{max-width:660px;display:block}
 .meta{color:#666;font-size:12px}
 """
 
@@ -57,10 +58,15 @@ def with_boxes(path: Path, boxes, labels) -> Image.Image:
     return img
 
 
-def fmt(x: str | float | None, digits: int = 3) -> str:
+def fmt(x: str | float | None, digits: int = 4) -> str:
     if x in (None, ""):
         return "-"
     return f"{float(x):.{digits}f}"
+
+
+def signed(x: float) -> str:
+    """A difference: 4 decimals, or 3 significant digits when it is smaller than that."""
+    return f"{x:+.2e}" if x != 0 and abs(x) < 5e-5 else f"{x:+.4f}"
 
 
 def comparison_html(table: dict[tuple[str, str], list[Difference]]) -> str:
@@ -71,8 +77,8 @@ def comparison_html(table: dict[tuple[str, str], list[Difference]]) -> str:
         rows = []
         for d in diffs:
             cls = ("pos" if d.low > 0 else "neg") if d.significant else ""
-            ci = "-" if d.n == 0 else f"[{d.low:+.4f}, {d.high:+.4f}]"
-            diff = "-" if d.n == 0 else f"{d.mean_diff:+.4f}"
+            ci = "-" if d.n == 0 else f"[{signed(d.low)}, {signed(d.high)}]"
+            diff = "-" if d.n == 0 else signed(d.mean_diff)
             rows.append(f"<tr><td>{html.escape(d.metric)}</td><td class=num>{d.n}</td>"
                         f"<td class=num>{fmt(d.mean_a, 4) if d.n else '-'}</td>"
                         f"<td class=num>{fmt(d.mean_b, 4) if d.n else '-'}</td>"
@@ -132,7 +138,7 @@ def write_report(out: Path, spec, rows: list[dict], table: dict[tuple[str, str],
                 parts.append(f"<div class=cell><h3>{title}</h3>"
                              f"<img class=output alt='{html.escape(case.id)} {title}' src='{img}' "
                              f"data-setting='{html.escape(setting)}' data-seed='{seed}'>"
-                             f"{scores_html(row)}<details open><summary>leakage heat-map</summary>"
+                             f"{scores_html(row)}<details open><summary>leakage heat-map (rows: regions of this image, columns: subjects)</summary>"
                              f"<img class=heatmap alt='heat-map {title}' src='{heat}'></details></div>")
         parts.append("</div></section>")
     parts.append(f"<p class=meta>spec: {html.escape(json.dumps(str(spec.source) if spec.source else ''))}</p>"

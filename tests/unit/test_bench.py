@@ -267,4 +267,4 @@ def test_report_palette_is_the_packs_and_missing_runs_show(msbench, tmp_path):
     page = write_report(tmp_path, spec, [row], {}).read_text()
     assert page.count("<img class=output") == 1 and page.count("<img class=heatmap") == 1
     assert "not run yet" in page and "<table class=scores>" in page and "Nothing" not in page
-    assert "class='num neg'>-0.100" in page  # a negative identity margin is marked
+    assert "class='num neg'>-0.1000" in page  # a negative identity margin is marked

@@ -8,13 +8,13 @@ import torch
 from comfy_api.latest import io
 
 from ..models.adapter_file import Adapter
+from ..models.encoding.reference_features import ClipFeatures
 from ..models.flux.adapter import INSTANTX, XLABS
 from ..models.flux.injection import DDS_MODES, IMAGE_ONLY, InjectionParams
 from ..models.flux.patch import FluxInjection, check_model_fits
 from ..models.layout.layout import Layout
-from ..models.encoding.reference_features import ClipFeatures
-from .errors import error_text, node_error
 from . import lifecycle, types
+from .errors import error_text, node_error
 
 CATEGORY = "Troupe/apply"
 NODE = "TroupeApplyFLUX"

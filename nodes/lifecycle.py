@@ -81,8 +81,7 @@ class RunScope:
 
 @contextlib.contextmanager
 def model_call_scope(model) -> Iterator[dict]:
-    """``transformer_options`` for model calls made outside a sampler (benchmarks, tests): a ``RunState`` per
-    installed instance for the duration of the block, released at its end like a sampling run's."""
+    """Run-scoped ``transformer_options`` for model calls made outside a sampler (benchmarks, tests)."""
     states = {key: RunState(key) for key in installed(model)}
     to = {**model.model_options.get("transformer_options", {}), RUNS: states}
     try:

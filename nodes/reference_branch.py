@@ -12,14 +12,19 @@ from comfy_api.latest import io, ui
 from ..models.adapter_file import AdapterFormatError, read_state_dict
 from ..models.layout.grid import token_grid
 from ..models.reference.branch import (
-    REFERENCE_ATTENTION, LabelNotFound, ReferenceBranch, ReferenceOptions, label_positions, prepare_reference_image,
+    REFERENCE_ATTENTION,
+    LabelNotFound,
+    ReferenceBranch,
+    ReferenceOptions,
+    label_positions,
+    prepare_reference_image,
 )
 from ..models.reference.dem import Alignment, insert_positions, load_dem
 from ..models.reference.hooks import ReferencePatch
 from ..models.reference.lora import FluxDims, load_reference_lora
 from ..models.reference.mask_preview import draw_attention_mask
-from .errors import error_text, node_error
 from . import lifecycle, paths, types
+from .errors import error_text, node_error
 
 CATEGORY = "Troupe/apply"
 PREVIEW_CATEGORY = "Troupe/flux"

@@ -8,14 +8,20 @@ import comfy.ldm.modules.attention as comfy_attention
 import torch
 from comfy_api.latest import io
 
-from ..models.layout.layout import Layout
 from ..models.encoding.reference_features import ClipFeatures
+from ..models.layout.layout import Layout
 from ..models.sdxl.patch import (
-    BLOCK_CHOICES, LayerKey, RegionalAttentionPatch, RegionalParams, check_widths, layer_keys_for, route_gates,
+    BLOCK_CHOICES,
+    LayerKey,
+    RegionalAttentionPatch,
+    RegionalParams,
+    check_widths,
+    layer_keys_for,
+    route_gates,
 )
 from ..models.sdxl.router import MODES, router_time
-from .errors import error_text, node_error
 from . import lifecycle, types
+from .errors import error_text, node_error
 
 CATEGORY = "Troupe/apply"
 NODE = "TroupeApplySDXL"

@@ -5,10 +5,10 @@ import comfy.samplers
 import torch
 from comfy_api.latest import io, ui
 
-from ..models.sdxl.routing_chart import draw_routing, weights_table
 from ..models.sdxl.router import MODES, SCHEDULE_HELP, TimestepRouter, route, router_time
-from .errors import error_text, node_error
+from ..models.sdxl.routing_chart import draw_routing, weights_table
 from . import types
+from .errors import error_text, node_error
 
 NODE = "TroupeRoutingPreview"
 CATEGORY = "Troupe/adapters"
@@ -38,7 +38,7 @@ def routing_over_steps(model, sampler_name: str, scheduler: str, steps: int, den
     router = module.router if module is not None else TimestepRouter(4)
     sigmas = step_sigmas(model, sampler_name, scheduler, steps, denoise)
     if not len(sigmas):
-        raise node_error(NODE, "denoise", f"is 0, so there are no steps to plot; raise it above 0")
+        raise node_error(NODE, "denoise", "is 0, so there are no steps to plot; raise it above 0")
     times = router_time(model.get_model_object("model_sampling"), sigmas).flatten()
     try:
         weights = torch.stack([route(float(t), levels, mode, router, schedule) for t in times])

@@ -26,7 +26,6 @@ sys.path.insert(0, str(ROOT / "tests"))  # the tiny-model helpers (ComfyUI in-pr
 
 import conftest  # noqa: E402,F401  (registers the pack as comfyui_troupe; sets 1 torch thread)
 import torch  # noqa: E402
-
 from bench_common import PeakRSS  # noqa: E402
 
 FULL_FLUX = {
@@ -50,9 +49,10 @@ def build_model(double: int, single: int):
 
 
 def build_adapter(double: int, single: int, encoder_dim: int = 1024):
+    from fixtures.tiny_models import init_weights
+
     from comfyui_troupe.models.adapter_file import Adapter
     from comfyui_troupe.models.flux.adapter import TROUPE, FluxAdapterConfig, FluxImageAdapter
-    from fixtures.tiny_models import init_weights
 
     config = FluxAdapterConfig(format=TROUPE, encoder_dim=encoder_dim, context_dim=3072, hidden_size=3072,
                                double_blocks=double, single_blocks=single, head_dim=128)
@@ -61,8 +61,8 @@ def build_adapter(double: int, single: int, encoder_dim: int = 1024):
 
 
 def patched_model(base, adapter, n: int, tokens: int, encoder_dim: int):
-    from comfyui_troupe.models.layout.layout import Layout, Region
     from comfyui_troupe.models.encoding.reference_features import ClipFeatures
+    from comfyui_troupe.models.layout.layout import Layout, Region
     from comfyui_troupe.nodes.flux import ApplySettings, apply_flux
 
     gen = torch.Generator().manual_seed(n)

@@ -27,7 +27,6 @@ sys.path.insert(0, str(ROOT / "tests"))  # the tiny-model helpers (ComfyUI in-pr
 
 import conftest  # noqa: E402,F401  (registers the pack as comfyui_troupe; sets 1 torch thread)
 import torch  # noqa: E402
-
 from bench_common import PeakRSS  # noqa: E402
 
 FULL_SDXL_UNET = {
@@ -140,12 +139,14 @@ def main() -> int:
     from fixtures.tiny_models import ensure_comfy
 
     ensure_comfy()
+    import comfy.ldm.modules.attention as comfy_attention
+
     from comfyui_troupe.models.layout.grid import grid_of_tokens
     from comfyui_troupe.models.layout.layout import Layout, Region
     from comfyui_troupe.models.sdxl.patch import RegionalAttentionPatch, RegionalParams, layer_keys_for
     from comfyui_troupe.models.sdxl.router import router_time
-    from comfyui_troupe.nodes import lifecycle, sdxl as node
-    import comfy.ldm.modules.attention as comfy_attention
+    from comfyui_troupe.nodes import lifecycle
+    from comfyui_troupe.nodes import sdxl as node
 
     t0 = time.perf_counter()
     base = build_unet()

@@ -23,8 +23,16 @@ import torch
 from ..layout.grid import token_grid
 from ..layout.layout import Layout
 from .adapter import RESIDUAL, FluxImageAdapter
-from .injection import BOTH, AttentionFn, InjectionParams, TokenMasks, masked_cross_attention, sdpa_attention, \
-    token_masks, unrope
+from .injection import (
+    BOTH,
+    AttentionFn,
+    InjectionParams,
+    TokenMasks,
+    masked_cross_attention,
+    sdpa_attention,
+    token_masks,
+    unrope,
+)
 
 GEOMETRY_KEY = "troupe_flux_geometry"
 # (offset in the joint attention output, delta [B, n, D], stream of the block's output, offset in that stream)

@@ -18,10 +18,17 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .branch import (AttentionFn, ReferenceBranch, ReferenceOptions, additive_mask, apply_rope, patchify,
-                     reference_positions, timestep_embedding)
+from .branch import (
+    AttentionFn,
+    ReferenceBranch,
+    ReferenceOptions,
+    additive_mask,
+    apply_rope,
+    patchify,
+    reference_positions,
+    timestep_embedding,
+)
 from .lora import ReferenceLoRA
-
 
 # --------------------------------------------------------------------------- per-forward state
 
@@ -73,9 +80,7 @@ class Stream:
 
 def joint_mask(streams: Sequence[Stream], queries: Sequence[bool], n_txt: int, n_img: int,
                base_mask: torch.Tensor | None, batch: int, dtype, device) -> torch.Tensor:
-    """The additive mask of ``[txt | img | refs of stream 1 | ...]``: rows text, image and the references of the
-    streams with ``queries``, columns everything; each stream's own mask, references of two streams blocked
-    from each other, and a mask another patch set over ``[text | image]`` added."""
+    """Additive mask over ``[txt | img | refs of each stream]`` (Eq. 6 of 002 per stream, streams kept apart)."""
     n_base = n_txt + n_img
     own = [s.mask(n_txt, n_img, batch, dtype, device) for s in streams]
     if len(own) == 1 and queries[0]:
@@ -135,8 +140,7 @@ RefQKV = tuple[Stream, "torch.Tensor | None", torch.Tensor, torch.Tensor]
 
 def joint_attention(refs: Sequence[RefQKV], q, k, v, pe, n_txt: int, attn_mask, attention: AttentionFn,
                     transformer_options=None) -> torch.Tensor:
-    """Attention of ``[txt | img]`` (q, k, v, RoPE pe) and every stream's references under the joint mask:
-    [B, T + N + R (the references with queries), H*d]."""
+    """``[txt | img]`` and every stream's references under the joint mask -> [B, T + N + R with queries, H*d]."""
     n_base, batch = q.shape[2], q.shape[0]
     streams = [r[0] for r in refs]
     plain = attn_mask is None and all(s.unmasked for s in streams)
@@ -313,7 +317,7 @@ def reference_vec(dit, y: torch.Tensor | None, batch: int, options: ReferenceOpt
 
 def reference_tokens(branch: ReferenceBranch, lora: ReferenceLoRA | None, dtype, device) -> torch.Tensor:
     """All references patchified and embedded by ``img_in`` (+ LoRA on x_embedder): [1, R, D]."""
-    tokens = torch.cat([patchify(l[None].to(device, dtype), branch.patch) for l in branch.latents], dim=1)
+    tokens = torch.cat([patchify(lat[None].to(device, dtype), branch.patch) for lat in branch.latents], dim=1)
     return _lin(branch.dit.img_in, tokens, lora, "img_in", branch.options.lora_strength)
 
 

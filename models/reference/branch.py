@@ -286,7 +286,7 @@ class ReferenceBranch:
         return int(self.dit.patch_size)
 
     def grids(self) -> list[tuple[int, int]]:
-        return [token_grid(int(l.shape[-2]), int(l.shape[-1]), self.patch) for l in self.latents]
+        return [token_grid(int(lat.shape[-2]), int(lat.shape[-1]), self.patch) for lat in self.latents]
 
     @property
     def width(self) -> int:

@@ -114,7 +114,10 @@ class ReferencePatch:
         branch = self.branch
         item_positions = item_blocked = None
         if branch.dem is not None:
+            n_context = int(c["c_crossattn"].shape[1])
             c["c_crossattn"], item_positions, item_blocked = aligned_context(branch, run, c["c_crossattn"], is_cond)
+            if c.get("attention_mask") is not None:  # StyleModelApply's attn_bias: sized for the Redux tokens
+                c["attention_mask"] = branch.dem.align_mask(c["attention_mask"], n_context)
         elif branch.options.selective_text and branch.concept_positions is not None:
             empty = [[] for _ in branch.concept_positions]
             item_positions = [branch.concept_positions if cond else empty for cond in is_cond]

@@ -11,10 +11,9 @@ import numpy as np
 import pytest
 import requests
 import torch
+from fixtures.flux_adapters import troupe_flux_state_dict
 from PIL import Image
 from safetensors.torch import save_file
-
-from fixtures.flux_adapters import troupe_flux_state_dict
 from workflow_api import ui_to_api
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -116,3 +115,21 @@ def test_unknown_branches_value_is_refused_at_queue_time(comfy_server, files):
     assert "TroupeApplyFLUX: input 'branches': expected one of image branch only, both branches" in errors
     if r.status_code == 200:  # the adapter loader ran on its own: let it finish before the next test
         comfy_server.wait(r.json()["prompt_id"])
+
+
+def test_two_chained_apply_nodes_both_act_and_weight_zero_leaves_the_first(comfy_server, files):
+    """Two TroupeApplyFLUX in a chain (each with its own run state): the image differs from one node's; the second
+    at weight 0 gives the first node's image exactly."""
+    def chained(weight: float) -> dict:
+        p = tiny_prompt(comfy_server)
+        p["40"] = dict(p["20"], inputs=dict(p["20"]["inputs"], model=["20", 0], weight=weight))
+        p["41"] = dict(p["22"], inputs=dict(p["22"]["inputs"], model=["40", 0]))
+        p["42"] = {"class_type": "VAEDecode", "inputs": {"samples": ["41", 0], "vae": ["7", 0]}}
+        p["43"] = {"class_type": "SaveImage", "inputs": {"images": ["42", 0], "filename_prefix": f"flux_chain_{weight}"}}
+        return p
+
+    entry = comfy_server.run(chained(0.5))
+    one, two = image(comfy_server, entry, "24"), image(comfy_server, entry, "43")
+    assert np.abs(two - one).max() > 0
+    entry = comfy_server.run(chained(0.0))
+    assert np.array_equal(image(comfy_server, entry, "43"), image(comfy_server, entry, "24"))

@@ -11,11 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from comfy_server import PromptError
 from fixtures.reference_loras import mosaic_lora_state_dict
 from fixtures.tiny_models import write_checkpoint
+from PIL import Image
 from workflow_api import ui_to_api
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -115,3 +114,30 @@ def test_dem_file_loads_and_asks_for_the_redux_tokens(server):
     """The DEM file loads; without StyleModelApply (Redux) tokens in the conditioning the run stops and says so."""
     with pytest.raises(PromptError, match=r"the DEM needs each subject's Redux tokens.*StyleModelApply"):
         server.run(branch_prompt(dem="tiny_dem.safetensors"))
+
+
+def chained_prompt(dem: str = "none") -> dict:
+    """TroupeReferenceBranch -> TroupeReferenceBranch (the second with the MOSAIC LoRA, self_cached) -> KSampler,
+    and the first branch alone through its own sampler (node 20) for comparison."""
+    p = branch_prompt(selective=False, region=False)
+    p["17"] = dict(p["9"], inputs=dict(p["9"]["inputs"], model=["9", 0], lora_name="mosaic_tiny_lora.safetensors",
+                                       reference_attention="self_cached", dem_name=dem))
+    p["13"]["inputs"]["model"] = ["17", 0]
+    p["20"] = dict(p["13"], inputs=dict(p["13"]["inputs"], model=["9", 0]))
+    p["21"] = {"class_type": "VAEDecode", "inputs": {"samples": ["20", 0], "vae": ["8", 0]}}
+    p["22"] = {"class_type": "SaveImage", "inputs": {"images": ["21", 0], "filename_prefix": "reference_one"}}
+    return p
+
+
+def test_two_chained_branches_join_one_attention(server):
+    """A second TroupeReferenceBranch after the first adds its references (its own run state, one joint attention):
+    the report says so and the image differs from the first branch's alone."""
+    entry = server.run(chained_prompt())
+    assert "joins 1 reference branch(es) already on the model" in entry["outputs"]["17"]["text"][0]
+    (chained,), (one,) = saved(server, entry), saved(server, entry, "22")
+    assert np.abs(chained - one).max() > 0
+
+
+def test_a_dem_branch_is_not_chained(server):
+    with pytest.raises(PromptError, match=r"TroupeReferenceBranch: input 'dem_name': a reference branch with S\* \+ DEM"):
+        server.run(chained_prompt(dem="tiny_dem.safetensors"))

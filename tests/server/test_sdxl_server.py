@@ -12,12 +12,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from comfy_server import PromptError
 from fixtures.sdxl_adapters import (
-    ip_adapter_plus_state_dict, ip_adapter_sdxl_state_dict, ms_diffusion_state_dict, r3_state_dict, write_adapter,
+    ip_adapter_plus_state_dict,
+    ip_adapter_sdxl_state_dict,
+    ms_diffusion_state_dict,
+    r3_state_dict,
+    write_adapter,
 )
+from PIL import Image
 
 PHRASE = 32  # tiny clip_l width = the synthesised resampler's phrase width
 WIDTH, HEIGHT = 160, 96  # a non-square canvas: a 20 x 12 latent
@@ -169,3 +172,28 @@ def test_shipped_workflow_runs_on_the_tiny_models(comfy_server, files):
     entry = comfy_server.run(demo.on_tiny_models(api, name))
     images = [i for out in entry["outputs"].values() for i in out.get("images", [])]
     assert len(images) == 1 and Image.open(comfy_server.image_path(images[0])).size == (demo.SIZE, demo.SIZE)
+
+
+def test_three_chained_apply_nodes_act_and_weight_zero_leaves_the_chain(comfy_server, files):
+    """MS-Diffusion -> IP-Adapter Plus -> R^3, three TroupeApplySDXL in a chain (a run state each): every node
+    acts (the image differs from the two-node chain's), and the last one at weight 0 gives that image exactly."""
+    def chained(weight: float, prefix: str) -> dict:
+        p = prompt(files, "server_ms_diffusion.bin", prefix=prefix)
+        p["20"] = {"class_type": "TroupeLoadAdapter", "inputs": {"adapter_name": "server_ip_plus.safetensors"}}
+        p["21"] = dict(p["12"], inputs=dict(p["12"]["inputs"], model=["12", 0], adapter=["20", 0]))
+        p["22"] = {"class_type": "TroupeLoadAdapter", "inputs": {"adapter_name": "server_r3.safetensors"}}
+        p["23"] = dict(p["12"], inputs=dict(p["12"]["inputs"], model=["21", 0], adapter=["22", 0], weight=weight))
+        p["24"] = dict(p["16"], inputs=dict(p["16"]["inputs"], model=["21", 0]))  # the two-node chain
+        p["25"] = {"class_type": "VAEDecode", "inputs": {"samples": ["24", 0], "vae": ["17", 0]}}
+        p["26"] = {"class_type": "SaveImage", "inputs": {"images": ["25", 0], "filename_prefix": prefix + "_two"}}
+        p["16"]["inputs"]["model"] = ["23", 0]
+        return p
+
+    def images(entry: dict, node: str) -> np.ndarray:
+        return np.stack([np.asarray(Image.open(comfy_server.image_path(i)), dtype=np.float32)
+                         for i in entry["outputs"][node]["images"]])
+
+    entry = comfy_server.run(chained(0.8, "sdxl_chain"))
+    assert np.abs(images(entry, "19") - images(entry, "26")).max() > 0
+    entry = comfy_server.run(chained(0.0, "sdxl_chain_zero"))
+    assert np.array_equal(images(entry, "19"), images(entry, "26"))

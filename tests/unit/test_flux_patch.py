@@ -13,10 +13,11 @@ import math
 
 import pytest
 import torch
-
 from fixtures.flux_adapters import troupe_flux_state_dict
-from lifecycle_probe import runs  # noqa: F401  (fixture)
 from fixtures.tiny_models import ensure_comfy, flux_conditioning, sample, tiny_flux
+
+pytest_plugins = ["lifecycle_probe"]  # the runs and clones fixtures
+
 
 LATENT = (10, 7)  # odd width: ComfyUI pads to 2x2 patches -> token grid 5 x 4
 GRID = (5, 4)
@@ -25,11 +26,11 @@ GRID = (5, 4)
 @pytest.fixture(scope="module")
 def mods():
     ensure_comfy()
+    from comfyui_troupe.models.encoding.reference_features import ClipFeatures
     from comfyui_troupe.models.flux import adapter as flux_adapter
     from comfyui_troupe.models.flux import injection as flux_injection
     from comfyui_troupe.models.flux import patch as flux_patch
     from comfyui_troupe.models.layout.layout import Layout, Region
-    from comfyui_troupe.models.encoding.reference_features import ClipFeatures
     from comfyui_troupe.nodes import flux
 
     return dict(adapter=flux_adapter, patch=flux_patch, injection=flux_injection, Layout=Layout, Region=Region, ClipFeatures=ClipFeatures,

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fixtures import tiny_models as tm
+from fixtures.reference_loras import mosaic_lora_state_dict, zero_lora
+from lifecycle_probe import fingerprint, sample
 
 from comfyui_troupe.models.reference import blocks as fb
 from comfyui_troupe.models.reference import hooks as fh
-from fixtures import tiny_models as tm
-from fixtures.reference_loras import mosaic_lora_state_dict, zero_lora
-from lifecycle_probe import clones, fingerprint, runs, sample  # noqa: F401  (fixtures)
+
+pytest_plugins = ["lifecycle_probe"]  # the runs and clones fixtures
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +179,7 @@ def test_lora_touches_only_reference_tokens(fr, comfy, dit, monkeypatch):
 
     lora = lora_for(dit, mosaic_lora_state_dict())
     branch = make_branch(fr, dit, lora=lora)
-    r = sum(l.shape[-1] * l.shape[-2] // 4 for l in branch.latents)
+    r = sum(lat.shape[-1] * lat.shape[-2] // 4 for lat in branch.latents)
     seen = []
     real = ReferenceLoRA.apply
 

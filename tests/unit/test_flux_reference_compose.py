@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from fixtures import tiny_models as tm
 from fixtures.flux_adapters import troupe_flux_state_dict
 
@@ -16,9 +15,9 @@ def env():
     tm.ensure_comfy()
     import comfy.ldm.flux.math
 
+    from comfyui_troupe.models.encoding.reference_features import ClipFeatures
     from comfyui_troupe.models.flux import adapter as flux_adapter
     from comfyui_troupe.models.reference import branch as fr
-    from comfyui_troupe.models.encoding.reference_features import ClipFeatures
     from comfyui_troupe.nodes import flux
     from comfyui_troupe.nodes.reference_branch import install_branch
 

@@ -14,7 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 from fixtures import tiny_models as tm
-from lifecycle_probe import clones, fingerprint, runs, sample  # noqa: F401  (fixtures)
+from lifecycle_probe import fingerprint, sample
+
+pytest_plugins = ["lifecycle_probe"]  # the runs and clones fixtures
+
 
 STEPS = 2
 
@@ -58,10 +61,11 @@ def _layout(seed: int, n: int = 2):
 
 def apply_sdxl(env, model, seed: int, kind: str = "ip-adapter"):
     """TroupeApplySDXL: an IP-Adapter Plus file (separate attention) or an MS-Diffusion file (joint)."""
+    from fixtures.sdxl_adapters import ip_adapter_plus_state_dict, ms_diffusion_state_dict
+
     from comfyui_troupe.models.adapter_file import detect_and_load
     from comfyui_troupe.models.sdxl.adapter import FAMILY
     from comfyui_troupe.models.sdxl.patch import RegionalParams
-    from fixtures.sdxl_adapters import ip_adapter_plus_state_dict, ms_diffusion_state_dict
 
     sd = ms_diffusion_state_dict(seed, phrase_dim=24) if kind == "ms-diffusion" else ip_adapter_plus_state_dict(seed)
     adapter = detect_and_load(sd, [FAMILY], f"{kind}.safetensors")
@@ -71,8 +75,9 @@ def apply_sdxl(env, model, seed: int, kind: str = "ip-adapter"):
 
 def apply_flux(env, model, seed: int):
     """TroupeApplyFLUX with a troupe-flux file, two subjects in a layout."""
-    from comfyui_troupe.models.flux import adapter as flux_adapter
     from fixtures.flux_adapters import troupe_flux_state_dict
+
+    from comfyui_troupe.models.flux import adapter as flux_adapter
 
     adapter = flux_adapter.load(troupe_flux_state_dict(), "troupe-flux")
     settings = env["flux"].ApplySettings(1.0 + 0.5 * seed, 0.0, 1.0, "image branch only")
@@ -203,7 +208,8 @@ def test_clones_share_no_state(env, runs, clones, name):
     during = []
     outs = [run(env, m, callback=lambda *_: during.append(fingerprint(m))) for m in (model, clone, model)]
     assert during and all(f == before for f in during) and fingerprint(clone) == before
-    assert len({id(s) for s in runs.states}) == len(runs.states) == 3 * len(CHAINS[name]) and not runs.leftover()
+    assert len({id(s) for s in runs.states}) == len(runs.states) == 3 * len(CHAINS[name])  # a state per run
+    assert all(s.held for s in runs.states) and not runs.leftover()
     fresh = run(env, chain(env, CHAINS[name]))
     assert all(torch.equal(o, fresh) for o in outs)
 

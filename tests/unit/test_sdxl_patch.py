@@ -10,13 +10,18 @@ import math
 
 import pytest
 import torch
-from lifecycle_probe import runs  # noqa: F401  (fixture)
 
 from comfyui_troupe.models.layout.grid import grid_of_tokens
 from comfyui_troupe.models.layout.layout import Layout, Region
 from comfyui_troupe.models.sdxl.patch import (
-    RegionalAttentionPatch, RegionalParams, block_selected, joint_groups, sdpa_attention,
+    RegionalAttentionPatch,
+    RegionalParams,
+    block_selected,
+    joint_groups,
+    sdpa_attention,
 )
+
+pytest_plugins = ["lifecycle_probe"]  # the runs and clones fixtures
 
 CROSS = 2048
 
@@ -147,7 +152,7 @@ def test_joint_equals_ms_diffusion_masked_attention_non_square_overlapping():
 
     # independent: gated tokens Concat_l(w_l T_l) (Eq. 6 of 000), projected with to_k_ip / to_v_ip
     gates = adapter.route(0.3)
-    gated = torch.cat([gates[l] * tokens[:, l] for l in range(2)], dim=1)  # [N, 2T, D]
+    gated = torch.cat([gates[i] * tokens[:, i] for i in range(2)], dim=1)  # [N, 2T, D]
     to_k, to_v = adapter.kv(KEY)
     keys = torch.cat([adapter.dummy_tokens[0], gated.flatten(0, 1)]) @ to_k.weight.t()
     vals = torch.cat([adapter.dummy_tokens[0], gated.flatten(0, 1)]) @ to_v.weight.t()
@@ -328,8 +333,9 @@ def unet():
     from fixtures.tiny_models import ensure_comfy
 
     ensure_comfy()
-    from comfyui_troupe.nodes import sdxl as node
     from fixtures.tiny_models import sdxl_conditioning, tiny_sdxl
+
+    from comfyui_troupe.nodes import sdxl as node
 
     base = tiny_sdxl(0)
     widths = node.attention_widths(base)
@@ -502,9 +508,10 @@ def _tiny_clip(width_l: int):
 def test_real_r3_file_gates_at_several_sigmas(unet, routing, schedule):
     """An R^3 file (published MS-Diffusion keys + refiner + router) loaded by the family, applied to the tiny UNet:
     at several sigmas the patch's gates are the router's w(t) at t = timestep(sigma) / 1000 (Eqs. 5-6 of 000)."""
+    from fixtures.sdxl_adapters import r3_state_dict
+
     from comfyui_troupe.models.adapter_file import detect_and_load
     from comfyui_troupe.models.sdxl.adapter import FAMILY
-    from fixtures.sdxl_adapters import r3_state_dict
 
     node, base, _, cond = unet
     adapter = detect_and_load(r3_state_dict(1, phrase_dim=24), [FAMILY], "r3.safetensors")

@@ -145,6 +145,7 @@ def test_multiple_views_average_the_cosines(openclip):
 @pytest.mark.parametrize("box,size,expected", [
     ((0.0, 0.25, 0.5, 0.75), (100, 100), (25, 75, 0, 50)),
     ((0.1, 0.1, 0.35, 0.6), (64, 64), (6, 39, 6, 23)),  # floor of the start, ceil of the end: 6.4 -> 6, 22.4 -> 23
+    ((0.15, 0.2, 0.5, 0.61), (64, 64), (12, 40, 9, 32)),  # 9.6 -> 9 (not rounded up), 39.04 -> 40
     ((0.5, 0.5, 0.5001, 0.5001), (10, 10), (5, 6, 5, 6)),  # at least one pixel
 ])
 def test_box_slice_takes_every_pixel_the_box_touches(box, size, expected):

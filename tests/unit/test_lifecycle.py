@@ -242,3 +242,30 @@ def test_a_model_call_outside_a_sampler_keeps_nothing(env, runs):
                                 guidance=torch.full((1,), 3.5), transformer_options=dict(to, sigmas=torch.full((1,), 0.5)))
         assert len(runs.states) == 2 and all(s.cache for s in runs.states)
     assert all(s.held for s in runs.states) and not runs.leftover()
+
+
+def test_the_emulated_clone_copies_what_comfyui_033_copies(env):
+    """``lifecycle_probe.clones`` copies dicts and lists and shares every other object; on a host that has
+    ComfyUI >= 0.33's ``deepcopy_list_dict`` (PR 12382) the emulation gives exactly what the host gives."""
+    import comfy.utils
+    from lifecycle_probe import copy_dicts_and_lists
+
+    shared = object()
+    options = {"transformer_options": {"patches_replace": {"dit": {("double_block", 0): shared}}, "list": [shared]},
+               "model_function_wrapper": shared}
+
+    def shape(o):  # (kind, identity for shared objects) all the way down
+        if isinstance(o, dict):
+            return {k: shape(v) for k, v in o.items()}
+        if isinstance(o, list):
+            return [shape(v) for v in o]
+        return id(o)
+
+    ours = copy_dicts_and_lists(options)
+    assert shape(ours) == shape(options) and ours["model_function_wrapper"] is shared
+    assert ours["transformer_options"] is not options["transformer_options"]
+    assert ours["transformer_options"]["list"] is not options["transformer_options"]["list"]
+    host = getattr(comfy.utils, "deepcopy_list_dict", None)  # absent before 0.33: then only the emulation runs
+    if host is not None:
+        theirs = host(options)
+        assert shape(theirs) == shape(ours) and theirs["transformer_options"] is not options["transformer_options"]

@@ -12,7 +12,6 @@ import copy
 
 import pytest
 import torch
-
 from fixtures.goldens import assert_parity, golden, golden_flux
 from fixtures.reference_loras import mosaic_lora_state_dict
 from fixtures.tiny_models import ensure_comfy

@@ -8,6 +8,7 @@ from comfy_api.latest import ComfyExtension, io, ui
 from . import cache
 from .clip_nodes import TroupeTestTinySDXLCLIP
 from .describe import describe
+from .redux_nodes import TroupeTestTinyRedux
 
 CATEGORY = "Troupe/testing"
 LATENT_CHANNELS = {"sdxl": 4, "flux": 16}
@@ -165,7 +166,7 @@ class TroupeTestInspect(io.ComfyNode):
 
 NODES: list[type[io.ComfyNode]] = [
     TroupeTestTinySDXL, TroupeTestTinyFLUX, TroupeTestTinyCLIPVision, TroupeTestTinyDINOv2, TroupeTestTinyVAE,
-    TroupeTestConditioning, TroupeTestInspect, TroupeTestTinySDXLCLIP,
+    TroupeTestConditioning, TroupeTestInspect, TroupeTestTinySDXLCLIP, TroupeTestTinyRedux,
 ]
 
 

@@ -1,6 +1,6 @@
 """The SDXL multi-subject adapter as loaded from a file: image projection, refiner, router, per-layer K/V.
 
-One ``SdxlAdapter`` serves four file formats (``sdxl_formats`` reads them; ``FAMILY`` plugs them into
+One ``SdxlAdapter`` serves four file formats (``formats`` reads them; its ``FAMILY`` plugs them into
 ``TroupeLoadAdapter``):
 
 - ``troupe-r3``: R^3-Adapter (000): MS-Diffusion's grounding resampler + progressive refiner (Eqs. 1-4) +
@@ -15,7 +15,7 @@ maps them to ComfyUI's (block, id, block_index).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -69,7 +69,7 @@ class KVProjection(nn.Module):
 
 
 class SdxlAdapter(nn.Module):
-    """A loaded SDXL adapter (see the module docstring); built by ``sdxl_formats.load_sdxl``.
+    """A loaded SDXL adapter (see the module docstring); built by ``formats.load_sdxl``.
 
     ``layers`` holds one ``KVProjection`` per file layer, named by its file index ("1", "3", ...).
     """
@@ -204,12 +204,3 @@ def describe_image_input(kind: str, width: int) -> str:
         return f"{enc} penultimate hidden states (width {width})"
     enc = {1280: "CLIP ViT-bigG/14", 1024: "CLIP ViT-H/14", 768: "CLIP ViT-L/14"}.get(width, "CLIP vision")
     return f"{enc} projected image embeds (width {width})"
-
-
-def __getattr__(name: str):
-    """``FAMILY`` (detect/load of the four formats) lives in ``sdxl_formats``, which builds this module's class."""
-    if name == "FAMILY":
-        from .formats import FAMILY
-
-        return FAMILY
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

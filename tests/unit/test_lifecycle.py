@@ -64,7 +64,7 @@ def apply_sdxl(env, model, seed: int, kind: str = "ip-adapter"):
     from fixtures.sdxl_adapters import ip_adapter_plus_state_dict, ms_diffusion_state_dict
 
     from comfyui_troupe.models.adapter_file import detect_and_load
-    from comfyui_troupe.models.sdxl.adapter import FAMILY
+    from comfyui_troupe.models.sdxl.formats import FAMILY
     from comfyui_troupe.models.sdxl.patch import RegionalParams
 
     sd = ms_diffusion_state_dict(seed, phrase_dim=24) if kind == "ms-diffusion" else ip_adapter_plus_state_dict(seed)

@@ -143,7 +143,7 @@ def test_joint_equals_ms_diffusion_masked_attention_non_square_overlapping():
     feats = torch.randn(2, 5, 16)
     tokens = adapter.subject_tokens(feats, torch.tensor(boxes))
     params = RegionalParams(weight=0.6, subject_weights=(1.0, 1.7))
-    t_of_sigma = lambda s: 0.3  # noqa: E731
+    t_of_sigma = lambda s: 0.3
     patch = RegionalAttentionPatch(adapter, tokens, layout, params, sigma_to_t=t_of_sigma)
     h, w = 6, 10
     q = torch.randn(2, h * w, WIDTH)
@@ -511,7 +511,7 @@ def test_real_r3_file_gates_at_several_sigmas(unet, routing, schedule):
     from fixtures.sdxl_adapters import r3_state_dict
 
     from comfyui_troupe.models.adapter_file import detect_and_load
-    from comfyui_troupe.models.sdxl.adapter import FAMILY
+    from comfyui_troupe.models.sdxl.formats import FAMILY
 
     node, base, _, cond = unet
     adapter = detect_and_load(r3_state_dict(1, phrase_dim=24), [FAMILY], "r3.safetensors")
@@ -543,7 +543,7 @@ def test_chained_on_an_earlier_attn2_patch(unet):
 
     twice = node.apply_sdxl(once, Adapter("sdxl", module.format, module), _features(2), Layout(
         160, 96, (Region(box=(0.0, 0.0, 0.5, 0.5)), Region(box=(0.5, 0.5, 1.0, 1.0)))), RegionalParams(blocks="all"))
-    table = lambda m: m.model_options["transformer_options"]["patches_replace"]["attn2"]  # noqa: E731
+    table = lambda m: m.model_options["transformer_options"]["patches_replace"]["attn2"]
     first, second = table(once)[("input", 4, 0)], table(twice)[("input", 4, 0)]
     assert second.patch is not first.patch and second.previous is first and second.key != first.key
     q, k = torch.randn(1, 60, 64), torch.randn(1, 77, 64)

@@ -171,7 +171,7 @@ def test_preview_modes_adapter_and_chart(preview):
 
     from comfyui_troupe.models.adapter_file import Adapter, detect_and_load
     from comfyui_troupe.models.layout.preview import hex_rgb
-    from comfyui_troupe.models.sdxl.adapter import FAMILY
+    from comfyui_troupe.models.sdxl.formats import FAMILY
     from comfyui_troupe.models.sdxl.routing_chart import LEVEL_COLOURS, point, y_top
 
     node, model = preview

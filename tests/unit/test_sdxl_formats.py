@@ -8,7 +8,8 @@ from safetensors import safe_open
 
 from comfyui_troupe.models.adapter_file import AdapterFormatError, detect_and_load, read_state_dict
 from comfyui_troupe.models.encoding.reference_features import ClipFeatures
-from comfyui_troupe.models.sdxl.adapter import FAMILY, SdxlAdapter
+from comfyui_troupe.models.sdxl.adapter import SdxlAdapter
+from comfyui_troupe.models.sdxl.formats import FAMILY
 from comfyui_troupe.models.sdxl.formats import detect, file_state_dict, save_sdxl_adapter
 from fixtures.sdxl_adapters import (
     TINY_WIDTHS, full_sdxl_widths, ip_adapter_plus_state_dict, ip_adapter_sdxl_state_dict, ms_diffusion_state_dict,

@@ -25,7 +25,7 @@ from ..models.encoding.reference_features import ClipFeatures, CropView, fuse, o
 from ..models.encoding.siglip_head import SiglipPoolingHead, has_head, head_from_state_dict
 from ..models.encoding.weights_chart import draw_fusion_weights
 from . import paths, types
-from .errors import error_text, node_error
+from .errors import error_text, node_error, number_error
 
 CATEGORY = "Troupe/encoding"
 
@@ -261,8 +261,9 @@ class TroupeEncodeSubjects(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, crop: str = AS_TRAINED, **kw) -> bool | str:
-        """At queue time: 0.3.75 does not check V3 combo values itself."""
+    def validate_inputs(cls, crop: str = AS_TRAINED) -> bool | str:
+        """At queue time: 0.3.75 does not check V3 combo values itself (no ``**kw``: it would repeat the message once
+        per input)."""
         if crop in CROP_CHOICES:
             return True
         return error_text("TroupeEncodeSubjects", "crop", f"expected one of {', '.join(CROP_CHOICES)}, got {crop!r}")
@@ -313,6 +314,17 @@ class TroupeGranularity(io.ComfyNode):
             outputs=[types.ClipFeatures.Output(display_name="features"),
                      io.String.Output(display_name="routed_weights")],
         )
+
+    @classmethod
+    def validate_inputs(cls, w_low: float = 1.0, w_mid: float = 1.0, w_high: float = 1.0) -> bool | str:
+        """At queue time: NaN passes ComfyUI's min/max, which declaring the weights here turns off."""
+        for name, value in (("w_low", w_low), ("w_mid", w_mid), ("w_high", w_high)):
+            if (problem := number_error("TroupeGranularity", name, value, 0.0, 10.0)) is not None:
+                return problem
+        if float(w_low) + float(w_mid) + float(w_high) <= 0.0:
+            return error_text("TroupeGranularity", "w_low", "the three weights are all 0; give at least one a "
+                                                            "positive weight")
+        return True
 
     @classmethod
     def execute(cls, features: ClipFeatures, w_low: float, w_mid: float, w_high: float, subject: int) -> io.NodeOutput:

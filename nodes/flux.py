@@ -14,7 +14,7 @@ from ..models.flux.injection import DDS_MODES, IMAGE_ONLY, InjectionParams
 from ..models.flux.patch import FluxInjection, check_model_fits
 from ..models.layout.layout import Layout
 from . import lifecycle, types
-from .errors import error_text, node_error
+from .errors import error_text, node_error, number_error
 
 CATEGORY = "Troupe/apply"
 NODE = "TroupeApplyFLUX"
@@ -99,7 +99,8 @@ def apply_flux(model, adapter: Adapter, features: ClipFeatures, settings: ApplyS
                               flipped_img_txt=flipped, attention=comfy_attention.optimized_attention)
     blocks = [("double_block", i) for i in range(nd)] + [("single_block", i) for i in range(ns)]  # XLabs: ns = 0
     # a replace patch already at a block (the reference branch, another Apply) keeps running, inside ours
-    return lifecycle.install(model, injection, "flux", dit=blocks, diffusion_model=True)
+    canvas = None if layout is None else (layout.width, layout.height)  # warns at sampling if the aspect differs
+    return lifecycle.install(model, injection, "flux", dit=blocks, diffusion_model=True, canvas=canvas)
 
 
 class TroupeApplyFLUX(io.ComfyNode):
@@ -143,8 +144,17 @@ class TroupeApplyFLUX(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, branches: str) -> bool | str:
-        """At queue time: 0.3.75 does not check V3 combo values itself."""
+    def validate_inputs(cls, branches: str = DDS_MODES[0], weight: float = 1.0, start_percent: float = 0.0,
+                        end_percent: float = 1.0) -> bool | str:
+        """At queue time: 0.3.75 checks neither V3 combo values nor the range of an input declared here; NaN passes
+        any range."""
+        for name, value, high in (("weight", weight, 5.0), ("start_percent", start_percent, 1.0),
+                                  ("end_percent", end_percent, 1.0)):
+            if (problem := number_error(NODE, name, value, 0.0, high)) is not None:
+                return problem
+        if start_percent > end_percent:
+            return error_text(NODE, "end_percent", f"end ({end_percent}) is before start ({start_percent}); set end >= "
+                                                   "start")
         if branches in DDS_MODES:
             return True
         return error_text(NODE, "branches", f"expected one of {', '.join(DDS_MODES)}, got {branches!r}")

@@ -24,11 +24,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import uuid
 from typing import Any, Callable, Iterable, Iterator
 
 import comfy.patcher_extension
 
+LOG = logging.getLogger(__name__)
 RUNS = "troupe_runs"  # transformer_options key: {instance key: RunState} of the sampling run in progress
 AttnKey = tuple[str, int, int]  # ("input" | "middle" | "output", block, transformer index)
 DitKey = tuple[str, int]  # ("double_block" | "single_block", index)
@@ -57,13 +59,17 @@ def run_cache(transformer_options: dict | None, key: str) -> dict:
 class RunScope:
     """OUTER_SAMPLE wrapper of one instance: a fresh ``RunState`` for the run, released in ``finally``."""
 
-    def __init__(self, key: str) -> None:
+    def __init__(self, key: str, canvas: tuple[int, int] | None = None) -> None:
         self.key = key
+        self.canvas = canvas  # (width, height) of the layout the patch places subjects with, if any
 
     def __deepcopy__(self, memo: dict) -> "RunScope":
         return self
 
     def __call__(self, executor, *args, **kwargs):
+        shape = tuple(getattr(args[0], "shape", ())) if args else ()
+        if self.canvas is not None and len(shape) == 4 and (warning := canvas_mismatch(self.canvas, shape[-2:])):
+            LOG.warning(warning)
         guider = executor.class_obj
         original = guider.model_options
         state = RunState(self.key)
@@ -77,6 +83,22 @@ class RunScope:
         finally:
             guider.model_options = original
             state.release()
+
+
+def canvas_mismatch(canvas: tuple[int, int], latent_hw: tuple[int, int], tolerance: float = 0.02) -> str | None:
+    """A warning when the layout's canvas and the sampled latent differ in aspect ratio (the boxes would stretch).
+
+    Boxes are fractions of the canvas, so any size of the same shape places them as drawn: an SDXL-sized square
+    layout sampled at FLUX's 1360 x 768 is what this catches (the image is sampled, the warning says what to fix).
+    """
+    width, height = canvas
+    lh, lw = latent_hw
+    drawn, sampled = width / height, lw / lh
+    if abs(drawn / sampled - 1.0) <= tolerance:
+        return None
+    return (f"Troupe: the layout was drawn on a {width} x {height} canvas (aspect {drawn:.3f}) but the latent is "
+            f"{lw} x {lh} (aspect {sampled:.3f}): the boxes are stretched to fit; set TroupeLayout's width and height "
+            "to the size you sample (the empty latent's)")
 
 
 @contextlib.contextmanager
@@ -148,7 +170,7 @@ def new_key(family: str) -> str:
 
 
 def install(model, patch: Any, family: str, *, attn2: Iterable[AttnKey] = (), dit: Iterable[DitKey] = (),
-            model_function: bool = False, diffusion_model: bool = False):
+            model_function: bool = False, diffusion_model: bool = False, canvas: tuple[int, int] | None = None):
     """A clone of ``model`` with ``patch`` on the given hook points and its run scope; ``model`` is untouched."""
     clone = model.clone()
     key = new_key(family)
@@ -168,7 +190,7 @@ def install(model, patch: Any, family: str, *, attn2: Iterable[AttnKey] = (), di
     if diffusion_model:  # in model_options, so a direct apply_model call (no sampler) runs it too
         comfy.patcher_extension.add_wrapper_with_key(wrappers.DIFFUSION_MODEL, key, DiffusionModelHook(key, patch),
                                                      clone.model_options, is_model_options=True)
-    clone.add_wrapper_with_key(wrappers.OUTER_SAMPLE, key, RunScope(key))
+    clone.add_wrapper_with_key(wrappers.OUTER_SAMPLE, key, RunScope(key, canvas))
     return clone
 
 

@@ -24,7 +24,7 @@ from ..models.reference.hooks import ReferencePatch
 from ..models.reference.lora import FluxDims, load_reference_lora
 from ..models.reference.mask_preview import draw_attention_mask
 from . import lifecycle, paths, types
-from .errors import error_text, node_error
+from .errors import error_text, node_error, number_error
 
 CATEGORY = "Troupe/apply"
 PREVIEW_CATEGORY = "Troupe/flux"
@@ -251,8 +251,15 @@ class TroupeReferenceBranch(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, lora_name: str = NONE, dem_name: str = NONE, reference_attention: str = "joint",
-                        **_kw) -> bool | str:
-        """At queue time: 0.3.75 does not check V3 combo values itself."""
+                        reference_timestep: float = 0.0, reference_guidance: float = 1.0,
+                        lora_strength: float = 1.0) -> bool | str:
+        """At queue time: 0.3.75 checks neither V3 combo values nor the range of an input declared here (no ``**kw``:
+        with it ComfyUI skips every input's min/max and repeats a message once per input); NaN passes any range."""
+        for name, value, high in (("reference_timestep", reference_timestep, 1.0),
+                                  ("reference_guidance", reference_guidance, 100.0),
+                                  ("lora_strength", lora_strength, 2.0)):
+            if (problem := number_error(NODE, name, value, 0.0, high)) is not None:
+                return problem
         files = _files()
         for name, value in (("lora_name", lora_name), ("dem_name", dem_name)):
             if value not in files:

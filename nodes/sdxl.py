@@ -21,7 +21,7 @@ from ..models.sdxl.patch import (
 )
 from ..models.sdxl.router import MODES, router_time
 from . import lifecycle, types
-from .errors import error_text, node_error
+from .errors import error_text, node_error, number_error
 
 CATEGORY = "Troupe/apply"
 NODE = "TroupeApplySDXL"
@@ -76,6 +76,9 @@ def image_features(module, features: ClipFeatures) -> torch.Tensor:
 def attention_widths(model) -> dict[LayerKey, tuple[int, int]]:
     """Every cross-attention location of the UNet as ComfyUI keys it: (context width, inner width)."""
     unet = model.get_model_object("diffusion_model")
+    if not hasattr(unet, "input_blocks"):
+        raise node_error(NODE, "model", f"expected an SDXL UNet, got a {type(unet).__name__} model; connect an SDXL "
+                                        "checkpoint's MODEL (FLUX models go to TroupeApplyFLUX)")
     found: dict[LayerKey, tuple[int, int]] = {}
     parts = [("input", i, b) for i, b in enumerate(unet.input_blocks)]
     parts += [("middle", 0, unet.middle_block)]
@@ -143,7 +146,8 @@ def apply_sdxl(model, adapter, features: ClipFeatures, layout: Layout, params: R
     patch = RegionalAttentionPatch(module, tokens, layout, params, uncond_tokens=uncond,
                                    attention=comfy_attention.optimized_attention,
                                    sigma_to_t=functools.partial(router_time, sampling))
-    return lifecycle.install(model, patch, "sdxl", attn2=keys)  # an earlier attn2 replace keeps giving the text term
+    # an earlier attn2 replace keeps giving the text term; a layout of another aspect than the latent warns
+    return lifecycle.install(model, patch, "sdxl", attn2=keys, canvas=(layout.width, layout.height))
 
 
 # --------------------------------------------------------------------------- node
@@ -196,8 +200,17 @@ class TroupeApplySDXL(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, blocks: str = "down+mid", routing: str = "learned", **kw) -> bool | str:
-        """At queue time: 0.3.75 does not check V3 combo values itself."""
+    def validate_inputs(cls, blocks: str = "down+mid", routing: str = "learned", weight: float = 0.6,
+                        start_percent: float = 0.0, end_percent: float = 1.0) -> bool | str:
+        """At queue time: 0.3.75 checks neither V3 combo values nor the range of an input declared here (no ``**kw``:
+        with it ComfyUI skips every input's min/max), and NaN passes any range."""
+        for name, value, high in (("weight", weight, 5.0), ("start_percent", start_percent, 1.0),
+                                  ("end_percent", end_percent, 1.0)):
+            if (problem := number_error(NODE, name, value, 0.0, high)) is not None:
+                return problem
+        if start_percent > end_percent:
+            return error_text(NODE, "end_percent", f"end ({end_percent}) is before start ({start_percent}); set end >= "
+                                                   "start")
         if blocks not in BLOCK_CHOICES:
             return error_text(NODE, "blocks", f"expected one of {', '.join(BLOCK_CHOICES)}, got {blocks!r}")
         if routing not in MODES:

@@ -5,7 +5,7 @@ from comfy_api.latest import io
 
 from ..models.layout.subject import MAX_SUBJECTS, Subject, SubjectError, subject_list
 from . import types
-from .errors import node_error
+from .errors import node_error, number_error
 
 CATEGORY = "Troupe/subjects"
 
@@ -31,6 +31,11 @@ class TroupeSubject(io.ComfyNode):
             ],
             outputs=[types.Subject.Output(display_name="subject")],
         )
+
+    @classmethod
+    def validate_inputs(cls, weight: float = 1.0) -> bool | str:
+        """At queue time: NaN passes ComfyUI's min/max (declaring ``weight`` here turns those off, so check it all)."""
+        return number_error("TroupeSubject", "weight", weight, 0.0, 10.0) or True
 
     @classmethod
     def execute(cls, image, label: str, weight: float, mask=None) -> io.NodeOutput:

@@ -31,7 +31,11 @@ class Subject:
         img = self.image
         if not isinstance(img, torch.Tensor) or img.ndim != 4 or img.shape[-1] not in (3, 4):
             shape = tuple(img.shape) if isinstance(img, torch.Tensor) else type(img).__name__
-            raise SubjectError(f"image: expected an IMAGE batch [B, H, W, 3], got {shape}")
+            raise SubjectError(f"image: expected an RGB IMAGE batch [B, H, W, 3] (RGBA is read as RGB), got {shape}; "
+                               "convert a grayscale or multi-channel image to RGB first")
+        if img.numel() == 0 or not bool(torch.isfinite(img).all()):
+            raise SubjectError("image: the reference holds NaN or infinite values (or no pixels); connect a decoded "
+                               "image with finite values in [0, 1]")
         if img.shape[-1] == 4:
             object.__setattr__(self, "image", img[..., :3])
         label = (self.label or "").strip()
@@ -54,6 +58,8 @@ class Subject:
                     f"mask: expected a MASK of the image's size [1 or {b}, {h}, {w}], got {tuple(self.mask.shape)}; "
                     "resize the mask to the reference image"
                 )
+            if not bool(torch.isfinite(m).all()):
+                raise SubjectError("mask: the mask holds NaN or infinite values; connect a mask with values in [0, 1]")
             object.__setattr__(self, "mask", m.float().clamp(0.0, 1.0))
 
     @property

@@ -1,6 +1,6 @@
-"""`make demo`: start ComfyUI with the pack, run workflows/layout_basics.json headless, print the outputs, stop.
+"""`make demo`: start ComfyUI with the pack, run example_workflows/layout_basics.json headless, print the outputs, stop.
 
-Then the SDXL multi-subject graph (workflows/sdxl_multi_subject.json) runs end to end on the tiny test models
+Then the SDXL multi-subject graph (example_workflows/sdxl_multi_subject.json) runs end to end on the tiny test models
 (scripts/demo_sdxl.py; the server loads the test-only nodes of tests/custom_nodes for them): its pixels are noise.
 
 Run with the host's Python (.host/venv/bin/python scripts/demo.py [--workflow PATH] [--port N]).
@@ -23,7 +23,7 @@ from workflow_api import ui_to_api
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--workflow", type=Path, default=ROOT / "workflows" / "layout_basics.json")
+    ap.add_argument("--workflow", type=Path, default=ROOT / "example_workflows" / "layout_basics.json")
     ap.add_argument("--port", type=int, default=0, help="port for the demo server (default: a free one)")
     ap.add_argument("--no-sdxl", action="store_true", help="skip the SDXL graph on the tiny test models")
     args = ap.parse_args()

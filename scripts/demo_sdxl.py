@@ -1,4 +1,4 @@
-"""The SDXL part of `make demo`: workflows/sdxl_multi_subject.json run end to end on the tiny test models.
+"""The SDXL part of `make demo`: example_workflows/sdxl_multi_subject.json run end to end on the tiny test models.
 
 No real weights ship with the pack, so the graph's loaders are swapped for the test-only tiny models
 (tests/custom_nodes/troupe_test_nodes) and a tiny MS-Diffusion-layout adapter is synthesised into the demo
@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-WORKFLOW = ROOT / "workflows" / "sdxl_multi_subject.json"
+WORKFLOW = ROOT / "example_workflows" / "sdxl_multi_subject.json"
 ADAPTER = "demo_ms_adapter_tiny.bin"
 PHRASE = 32  # tiny clip_l width = the synthesised grounding resampler's phrase width
 SIZE = 128

@@ -1,4 +1,4 @@
-"""TroupeApplyFLUX in the real ComfyUI 0.3.75 server: workflows/flux_multi_subject.json with three MS-Bench
+"""TroupeApplyFLUX in the real ComfyUI 0.3.75 server: example_workflows/flux_multi_subject.json with three MS-Bench
 subjects and a layout, its loaders swapped for the tiny test models (TroupeTestTinyFLUX, TroupeTestTinyCLIPVision,
 TroupeTestConditioning kind flux, TroupeTestTinyVAE) and a tiny troupe-flux adapter in models/troupe."""
 from __future__ import annotations
@@ -53,8 +53,8 @@ def files(comfy_server, msbench):
 
 
 def tiny_prompt(comfy_server, weight: float = 1.0, branches: str = "image branch only") -> dict:
-    """workflows/flux_multi_subject.json in API format with the tiny test models in place of the real files."""
-    workflow = json.loads((ROOT / "workflows" / "flux_multi_subject.json").read_text())
+    """example_workflows/flux_multi_subject.json in API format with the tiny test models in place of the real files."""
+    workflow = json.loads((ROOT / "example_workflows" / "flux_multi_subject.json").read_text())
     p = ui_to_api(workflow, comfy_server.object_info())
     kinds = {v["class_type"] for v in p.values()}
     assert {"UNETLoader", "DualCLIPLoader", "CLIPVisionLoader", "VAELoader", "TroupeLoadFusion", "TroupeLoadAdapter",

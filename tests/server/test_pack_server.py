@@ -81,10 +81,10 @@ def test_web_directory_serves_the_editor(comfy_server):
 
 
 def test_layout_basics_workflow_runs(comfy_server):
-    """workflows/layout_basics.json (the demo) through /prompt: preview boxes at the right pixels."""
+    """example_workflows/layout_basics.json (the demo) through /prompt: preview boxes at the right pixels."""
     for image in (ROOT / "assets").glob("*.jpg"):
         shutil.copy(image, comfy_server.input_dir / image.name)
-    workflow = json.loads((ROOT / "workflows" / "layout_basics.json").read_text())
+    workflow = json.loads((ROOT / "example_workflows" / "layout_basics.json").read_text())
     prompt = ui_to_api(workflow, comfy_server.object_info())
     assert prompt["6"]["inputs"]["subjects"] == ["5", 0]
     entry = comfy_server.run(prompt)
@@ -156,7 +156,7 @@ def test_empty_layout_and_subject_mismatch_name_the_node_and_input(comfy_server)
         comfy_server.run(prompt)
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "workflows").glob("*.json")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted((ROOT / "example_workflows").glob("*.json")), ids=lambda p: p.name)
 def test_every_shipped_workflow_names_only_known_nodes(comfy_server, path):
     """Workflows double as fixtures: each converts to API format against the live server's node list."""
     workflow = json.loads(path.read_text())

@@ -102,7 +102,7 @@ def test_unknown_lora_file_is_refused_at_queue_time(server):
 
 @pytest.mark.parametrize("name", ["flux_mosaic_multi_subject.json", "flux_reference_align.json"])
 def test_shipped_workflows_convert_and_name_the_branch(server, name):
-    workflow = json.loads((ROOT / "workflows" / name).read_text())
+    workflow = json.loads((ROOT / "example_workflows" / name).read_text())
     prompt = ui_to_api(workflow, server.object_info())
     kinds = {n["class_type"] for n in prompt.values()}
     assert {"TroupeReferenceBranch", "TroupeAttentionMaskPreview", "KSampler"} <= kinds

@@ -149,7 +149,7 @@ def test_subject_count_must_match_the_layout(comfy_server, files):
 
 
 def test_shipped_workflow_runs_on_the_tiny_models(comfy_server, files):
-    """workflows/sdxl_multi_subject.json (UI format) with its loaders swapped for the tiny models, as `make demo`."""
+    """example_workflows/sdxl_multi_subject.json (UI format) with its loaders swapped for the tiny models, as `make demo`."""
     import importlib.util
 
     from workflow_api import ui_to_api
@@ -162,7 +162,7 @@ def test_shipped_workflow_runs_on_the_tiny_models(comfy_server, files):
         shutil.copy(root / "assets" / image, comfy_server.input_dir / image)
     name = demo.write_demo_adapter(comfy_server.models_dir)
     info = comfy_server.object_info()
-    workflow = json.loads((root / "workflows" / "sdxl_multi_subject.json").read_text())
+    workflow = json.loads((root / "example_workflows" / "sdxl_multi_subject.json").read_text())
     api = ui_to_api(workflow, info)
     assert {n["class_type"] for n in api.values()} >= {"CheckpointLoaderSimple", "CLIPVisionLoader",
                                                        "TroupeLoadAdapter", "TroupeApplySDXL", "KSampler"}

@@ -45,7 +45,7 @@ def test_every_image_a_shipped_workflow_loads_ships_in_assets():
     """Users open these workflows with the pack alone: each LoadImage names one of the shipped photos."""
     root = Path(__file__).resolve().parents[2]
     shipped = {p.name for p in (root / "assets").glob("*.jpg")}
-    for path in sorted((root / "workflows").glob("*.json")):
+    for path in sorted((root / "example_workflows").glob("*.json")):
         for node in json.loads(path.read_text())["nodes"]:
             if node["type"] == "LoadImage":
                 assert node["widgets_values"][0] in shipped, (path.name, node["widgets_values"][0])

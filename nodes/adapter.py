@@ -1,7 +1,6 @@
-"""TroupeLoadAdapter: one loader for every adapter family (SDXL and FLUX) in models/troupe."""
+"""TroupeLoadAdapter: one loader for every adapter family (SDXL and FLUX) in models/troupe and the IP-Adapter folders."""
 from __future__ import annotations
 
-import folder_paths
 from comfy_api.latest import io, ui
 
 from ..models.adapter_file import AdapterFamily, AdapterFormatError, detect_and_load, read_state_dict
@@ -26,7 +25,7 @@ def families() -> list[AdapterFamily]:
 
 
 def load_adapter(name: str):
-    path = folder_paths.get_full_path_or_raise("troupe", name)
+    path = paths.full_path(NODE, "adapter_name", paths.ADAPTER_FOLDERS, name)
     try:
         return detect_and_load(read_state_dict(path), families(), filename=name)
     except AdapterFormatError as e:
@@ -40,19 +39,24 @@ class TroupeLoadAdapter(io.ComfyNode):
             node_id=NODE,
             display_name="Troupe Load Adapter",
             category=CATEGORY,
-            description="Load a multi-subject adapter from models/troupe and report what it found (format, base "
-                        "model, subjects supported, token counts). Formats: see the README.",
-            inputs=[io.Combo.Input("adapter_name", options=paths.list_files("troupe"),
-                                   tooltip="An adapter file in ComfyUI/models/troupe (.safetensors, or a .bin "
-                                           "read safely with weights_only).")],
-            outputs=[types.Adapter.Output(display_name="adapter")],
+            description="Load a multi-subject adapter (MS-Diffusion, IP-Adapter SDXL, InstantX or XLabs FLUX, "
+                        "Troupe's R^3 / FLUX files) and report what it found (format, base model, subjects "
+                        "supported, token counts).",
+            inputs=[io.Combo.Input("adapter_name", options=paths.choices(paths.ADAPTER_FOLDERS),
+                                   tooltip="An adapter file in ComfyUI/models/troupe, models/ipadapter, "
+                                           "models/ipadapter-flux or models/xlabs/ipadapters (.safetensors, or a "
+                                           ".bin read safely with weights_only). A name found in two folders "
+                                           "shows its folder.")],
+            outputs=[types.Adapter.Output(display_name="adapter",
+                                          tooltip="The loaded adapter: connect it to TroupeApplySDXL or "
+                                                  "TroupeApplyFLUX.")],
             is_output_node=True,
         )
 
     @classmethod
     def validate_inputs(cls, adapter_name: str) -> bool | str:
         """At queue time: 0.3.75 does not check V3 combo values itself."""
-        return paths.check_listed(NODE, "adapter_name", "troupe", adapter_name, "adapter file")
+        return paths.check_listed_in(NODE, "adapter_name", paths.ADAPTER_FOLDERS, adapter_name, "adapter file")
 
     @classmethod
     def execute(cls, adapter_name: str) -> io.NodeOutput:

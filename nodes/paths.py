@@ -8,6 +8,14 @@ import folder_paths
 # troupe: fusion weights and adapters (safetensors / safe .bin); dino: local HF DINOv2/DINOv3 folders;
 # openclip: OpenCLIP folders (open_clip_config.json + weights) or weight files for the fidelity metrics.
 FOLDERS = ("troupe", "dino", "openclip")
+# Where other packs' users keep adapter files (folder_paths key -> folder under models/): cubiq's IPAdapter_plus
+# (models/ipadapter), Shakker-Labs' InstantX FLUX node (models/ipadapter-flux), XLabs' x-flux-comfyui
+# (models/xlabs/ipadapters). Registered only when missing, so the other pack's own entry and the user's
+# extra_model_paths.yaml paths are kept.
+SHARED_FOLDERS = {"ipadapter": "ipadapter", "ipadapter-flux": "ipadapter-flux",
+                  "xlabs_ipadapters": os.path.join("xlabs", "ipadapters")}
+ADAPTER_FOLDERS = ("troupe", "ipadapter", "ipadapter-flux", "xlabs_ipadapters")
+LORA_FOLDERS = ("troupe", "loras")
 
 
 def register_model_folders() -> None:
@@ -21,11 +29,63 @@ def register_model_folders() -> None:
             folder_paths.folder_names_and_paths[name] = (paths, set(exts) | folder_paths.supported_pt_extensions)
         else:
             folder_paths.folder_names_and_paths[name] = ([default], set(folder_paths.supported_pt_extensions))
+    for name, sub in SHARED_FOLDERS.items():
+        if name not in folder_paths.folder_names_and_paths:
+            folder_paths.folder_names_and_paths[name] = ([os.path.join(folder_paths.models_dir, sub)],
+                                                         set(folder_paths.supported_pt_extensions))
 
 
 def list_files(folder: str, suffixes: tuple[str, ...] = (".safetensors", ".bin", ".pt", ".pth")) -> list[str]:
     """Weight files in one of the pack's folders (recursive, relative names)."""
     return [f for f in folder_paths.get_filename_list(folder) if f.lower().endswith(suffixes)]
+
+
+def folder_label(folder: str) -> str:
+    """How a folder is named to the user: its path under models/."""
+    return "models/" + SHARED_FOLDERS.get(folder, folder).replace(os.sep, "/")
+
+
+def files_in(folders: tuple[str, ...]) -> dict[str, str]:
+    """Combo name -> full path for the weight files of several folders, first folder first; a file found twice
+    (one directory under two names) is listed once; a name in two folders shows its folder: 'x.bin [models/loras]'."""
+    found: list[tuple[str, str, str]] = []
+    seen: set[str] = set()
+    for folder in folders:
+        if folder not in folder_paths.folder_names_and_paths:
+            continue
+        for name in list_files(folder):
+            path = folder_paths.get_full_path(folder, name)
+            if path is None or os.path.realpath(path) in seen:
+                continue
+            seen.add(os.path.realpath(path))
+            found.append((folder, name, path))
+    counts: dict[str, int] = {}
+    for _folder, name, _path in found:
+        counts[name] = counts.get(name, 0) + 1
+    return {(name if counts[name] == 1 else f"{name} [{folder_label(folder)}]"): path for folder, name, path in found}
+
+
+def choices(folders: tuple[str, ...]) -> list[str]:
+    """The combo's options for files in several folders."""
+    return sorted(files_in(folders), key=str.lower)
+
+
+def full_path(node: str, input_name: str, folders: tuple[str, ...], name: str) -> str:
+    """The file a combo value names; a clear error naming the folders when it is gone."""
+    path = files_in(folders).get(name)
+    if path is None:
+        where = ", ".join(folder_label(f) for f in folders)
+        raise ValueError(f"{node}: input '{input_name}': no file '{name}' in {where}; put it there and refresh (R), "
+                         "or pick another")
+    return path
+
+
+def check_listed_in(node: str, input_name: str, folders: tuple[str, ...], name: str, what: str = "file") -> bool | str:
+    """``validate_inputs`` for a combo of files from several folders."""
+    if name in files_in(folders):
+        return True
+    where = ", ".join(folder_label(f) for f in folders)
+    return f"{node}: input '{input_name}': no file '{name}' in {where}; put the {what} there and refresh (R), or pick another"
 
 
 def check_listed(node: str, input_name: str, folder: str, name: str, what: str = "file") -> bool | str:

@@ -92,7 +92,7 @@ def encode_references(vae, model, subjects, size: int) -> tuple[list[torch.Tenso
 
 
 def read_lora(name: str, dit):
-    path = folder_paths.get_full_path_or_raise("troupe", name)
+    path = paths.full_path(NODE, "lora_name", paths.LORA_FOLDERS, name)
     try:
         return load_reference_lora(read_state_dict(path), FluxDims.from_model(dit))
     except AdapterFormatError as e:
@@ -193,6 +193,10 @@ def _files() -> list[str]:
     return [NONE] + paths.list_files("troupe")
 
 
+def _lora_files() -> list[str]:
+    return [NONE] + paths.choices(paths.LORA_FOLDERS)
+
+
 class TroupeReferenceBranch(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -230,9 +234,10 @@ class TroupeReferenceBranch(io.ComfyNode):
                 io.Boolean.Input("region", default=False,
                                  tooltip="Image tokens attend only to the reference of the subject whose layout "
                                          "region they are in (needs a layout)."),
-                io.Combo.Input("lora_name", options=_files(), default=NONE,
-                               tooltip="Reference LoRA in models/troupe (MOSAIC's subject_512.safetensors or "
-                                       "Troupe's layout); none = base weights on the reference tokens."),
+                io.Combo.Input("lora_name", options=_lora_files(), default=NONE,
+                               tooltip="Reference LoRA in models/loras or models/troupe (MOSAIC's "
+                                       "subject_512.safetensors or Troupe's layout); none = base weights on the "
+                                       "reference tokens."),
                 io.Float.Input("lora_strength", default=1.0, min=0.0, max=2.0, step=0.05,
                                tooltip="Scale of the reference LoRA (1 = as trained)."),
                 io.Combo.Input("dem_name", options=_files(), default=NONE,
@@ -260,10 +265,10 @@ class TroupeReferenceBranch(io.ComfyNode):
                                   ("lora_strength", lora_strength, 2.0)):
             if (problem := number_error(NODE, name, value, 0.0, high)) is not None:
                 return problem
-        files = _files()
-        for name, value in (("lora_name", lora_name), ("dem_name", dem_name)):
+        for name, value, files, where in (("lora_name", lora_name, _lora_files(), "models/troupe or models/loras"),
+                                          ("dem_name", dem_name, _files(), "models/troupe")):
             if value not in files:
-                return error_text(NODE, name, f"no file '{value}' in models/troupe; put it there and refresh (R), "
+                return error_text(NODE, name, f"no file '{value}' in {where}; put it there and refresh (R), "
                                               "or pick 'none'")
         if reference_attention not in REFERENCE_ATTENTION:
             return error_text(NODE, "reference_attention", f"expected one of {REFERENCE_ATTENTION}, got {reference_attention!r}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 from comfy_api.latest import ComfyExtension, io
 
 from .adapter import TroupeLoadAdapter
+from .attention_maps import TroupeAttentionMaps, TroupeAttentionMapsRender
 from .dino import TroupeEncodeDINO
 from .encoding import TroupeEncodeSubjects, TroupeFusionWeightsPreview, TroupeGranularity, TroupeLoadFusion
 from .fidelity import TroupeFidelity
@@ -37,6 +38,8 @@ NODES: list[type[io.ComfyNode]] = [
     TroupeLoadOpenCLIP,
     TroupeImageTextCLIP,
     TroupeFidelity,
+    TroupeAttentionMaps,
+    TroupeAttentionMapsRender,
 ]
 
 

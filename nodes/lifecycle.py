@@ -30,7 +30,10 @@ from typing import Any, Callable, Iterable, Iterator
 
 import comfy.patcher_extension
 
+from ..models.attention_record import RUN_KEY, Recording
+
 LOG = logging.getLogger(__name__)
+RECORDER = "troupe_attention_recorder"  # transformer_options key: the AttentionRecorder of the run in progress
 RUNS = "troupe_runs"  # transformer_options key: {instance key: RunState} of the sampling run in progress
 AttnKey = tuple[str, int, int]  # ("input" | "middle" | "output", block, transformer index)
 DitKey = tuple[str, int]  # ("double_block" | "single_block", index)
@@ -51,9 +54,15 @@ class RunState:
 
 
 def run_cache(transformer_options: dict | None, key: str) -> dict:
-    """The run cache of instance ``key`` in this call's options, or a new empty dict outside a sampling run."""
+    """The run cache of instance ``key`` in this call's options, or a new empty dict outside a sampling run; it
+    holds the run's attention recorder (``RECORDER``, from ``RecordScope``) under ``attention_record.RUN_KEY``."""
     state = ((transformer_options or {}).get(RUNS) or {}).get(key)
-    return {} if state is None else state.cache
+    if state is None:
+        return {}
+    recorder = transformer_options.get(RECORDER)
+    if recorder is not None and RUN_KEY not in state.cache:
+        state.cache[RUN_KEY] = recorder
+    return state.cache
 
 
 class RunScope:
@@ -99,6 +108,38 @@ def canvas_mismatch(canvas: tuple[int, int], latent_hw: tuple[int, int], toleran
     return (f"Troupe: the layout was drawn on a {width} x {height} canvas (aspect {drawn:.3f}) but the latent is "
             f"{lw} x {lh} (aspect {sampled:.3f}): the boxes are stretched to fit; set TroupeLayout's width and height "
             "to the size you sample (the empty latent's)")
+
+
+class RecordScope:
+    """OUTER_SAMPLE wrapper of TroupeAttentionMaps: a fresh recorder for the run, published when it ends."""
+
+    def __init__(self, recording: Recording) -> None:
+        self.recording = recording
+
+    def __deepcopy__(self, memo: dict) -> RecordScope:
+        return self
+
+    def __call__(self, executor, *args, **kwargs):
+        guider = executor.class_obj
+        original = guider.model_options
+        recorder = self.recording.start()
+        options = dict(original)
+        options["transformer_options"] = {**(options.get("transformer_options") or {}), RECORDER: recorder}
+        guider.model_options = options
+        try:
+            out = executor(*args, **kwargs)
+        finally:
+            guider.model_options = original
+        self.recording.finish(recorder)
+        return out
+
+
+def install_recorder(model, recording: Recording):
+    """A clone of ``model`` whose sampling runs record every Troupe patch's attention maps into ``recording``."""
+    clone = model.clone()
+    clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, new_key("record"),
+                               RecordScope(recording))
+    return clone
 
 
 @contextlib.contextmanager

@@ -20,6 +20,7 @@ from typing import Callable
 
 import torch
 
+from ..attention_record import RUN_KEY, subject_mass
 from ..layout.grid import token_grid
 from ..layout.layout import Layout
 from .adapter import RESIDUAL, FluxImageAdapter
@@ -243,9 +244,36 @@ class FluxInjection:
                 masks = None if text_rows is None else self.masks(run, lh, lw, q.device, q.dtype, text_rows=text_rows)
                 delta = masked_cross_attention(unrope(q, pe, off, n), k, v, lam, masks, lam_device, self.attention)
                 adds.append((off, delta, stream, stream_off))
+                if text_rows is not None:
+                    self.record(run, kind, q, pe, k, lam, lh, lw, off + text_rows)
             return adds
 
         return compute
+
+    def record(self, run: dict, kind: str, q: torch.Tensor, pe, keys: list, lam: torch.Tensor, lh: int, lw: int,
+               start: int) -> None:
+        """Per-subject attention mass of Eq. 9 (CA_i's softmax times M_i) on the image tokens of the rows with
+        subject features (cond rows in the window) to the run's recorder (``attention_record``)."""
+        recorder, sigma = run.get(RUN_KEY), run.get("lam", (None,))[0]
+        sigma = float("inf") if sigma is None else float(sigma.flatten()[0])
+        if recorder is None or not recorder.wants(kind, sigma):
+            return
+        rows = torch.nonzero(lam.any(1)).flatten()
+        gh, gw = token_grid(lh, lw, self.patch_size)
+        qi = unrope(q, pe, start, gh * gw).index_select(0, rows.to(q.device))
+        masks = self.masks(run, lh, lw, q.device, q.dtype)
+        buf = recorder.begin((gh, gw), len(rows), self.num_subjects, q.device)
+        for i, k in enumerate(keys):
+            if not bool(lam[rows, i].any()):
+                continue
+            pix = None if masks is None else masks.rows[i]
+            if pix is not None and pix.numel() == 0:
+                continue
+            mass = subject_mass(qi if pix is None else qi[:, :, pix], k, torch.zeros(k.shape[1]), 1)
+            if masks is not None:
+                m = masks.values[i] if pix is None else masks.values[i].index_select(0, pix)
+                mass = mass * m.float()[None, :, None]
+            recorder.add(buf, mass, pix, torch.tensor([i]))
 
 
 def check_model_fits(adapter: FluxImageAdapter, diffusion_model: torch.nn.Module) -> tuple[int, int]:

@@ -31,6 +31,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..attention_record import RUN_KEY, subject_mass
 from ..layout.grid import grid_of_tokens
 from ..layout.layout import Layout
 from .router import MODES
@@ -277,6 +278,7 @@ class RegionalAttentionPatch:
             rows = slice(c * size, (c + 1) * size)
             if kind == 0:
                 out[rows] = out[rows] + self.image_attention(q[rows], key, h, w, sigma, heads, run=run)
+                self.record(run, q[rows], key, h, w, sigma, heads)
             elif self.uncond_tokens is not None:
                 out[rows] = out[rows] + self.image_attention(q[rows], key, h, w, sigma, heads, uncond=True, run=run)
             # joint semantics: the uncond branch has zero boxes, so every pixel is background (zero image attention)
@@ -314,6 +316,34 @@ class RegionalAttentionPatch:
             else:
                 out[:, pix] += ip
         return out
+
+    def record(self, run: dict, q: torch.Tensor, key: LayerKey, h: int, w: int, sigma: float, heads: int) -> None:
+        """Per-subject attention mass of the cond rows' image term to the run's recorder (``attention_record``)."""
+        recorder = run.get(RUN_KEY)
+        if recorder is None or not recorder.wants({"input": "down", "middle": "mid", "output": "up"}[key[0]], sigma):
+            return
+        b, p, c = q.shape
+        qh = q.reshape(b, p, heads, c // heads).transpose(1, 2)  # [B, H, P, d]
+        kk = self.projections(run, key, q.device, q.dtype)["k"] * self.token_scales(run, sigma, q.device, q.dtype)[0][
+            ..., None]  # the gated keys of image_attention
+        buf = recorder.begin((h, w), b, self.num_subjects, q.device)
+        if self.semantics == "joint":  # one softmax per group of pixels over its regions' tokens
+            per = kk.shape[1]
+            kk = kk.flatten(0, 1)
+            for pix, tok in self.masks(run, h, w, q.device)["groups"]:
+                keys = kk[tok].reshape(len(tok), heads, -1).transpose(0, 1)
+                subjects = tok // per
+                order = torch.unique(subjects)
+                mass = subject_mass(qh if pix is None else qh[:, :, pix], keys, torch.searchsorted(order, subjects),
+                                    len(order))
+                recorder.add(buf, mass, pix, order)
+            return
+        for i, (pix, m) in enumerate(self.masks(run, h, w, q.device)["support"]):  # subject i's softmax, times M_i
+            if m.numel() == 0:
+                continue
+            keys = kk[i].reshape(kk.shape[1], heads, -1).transpose(0, 1)
+            mass = subject_mass(qh if pix is None else qh[:, :, pix], keys, torch.zeros(keys.shape[1]), 1)
+            recorder.add(buf, mass * m.float()[None], pix, torch.tensor([i]))
 
 
 def layer_keys_for(adapter: Any, blocks: str) -> list[LayerKey]:

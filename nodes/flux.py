@@ -5,12 +5,12 @@ from dataclasses import dataclass
 
 import comfy.ldm.modules.attention as comfy_attention
 import torch
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
 from ..models.adapter_file import Adapter
 from ..models.encoding.reference_features import ClipFeatures
 from ..models.flux.adapter import INSTANTX, XLABS
-from ..models.flux.injection import DDS_MODES, IMAGE_ONLY, InjectionParams
+from ..models.flux.injection import AS_TRAINED, DDS_MODES, InjectionParams, resolve_dds
 from ..models.flux.patch import FluxInjection, check_model_fits
 from ..models.layout.layout import Layout
 from . import lifecycle, types
@@ -27,20 +27,21 @@ class ApplySettings:
     weight: float = 1.0
     start_percent: float = 0.0
     end_percent: float = 1.0
-    branches: str = IMAGE_ONLY
+    branches: str = AS_TRAINED
 
 
 
 def adapter_inputs(adapter: Adapter, features: ClipFeatures) -> torch.Tensor:
     """What the adapter's image projection reads: encoder tokens [N, G, E] (ours) or pooled [N, P] (InstantX).
 
-    InstantX was trained on SigLIP's attention-pooled output; ComfyUI 0.3.75 loads SigLIP without that head and
-    returns the post-layernorm tokens as ``image_embeds``, so their mean stands in for it (an approximation).
+    InstantX was trained on SigLIP's attention-pooled output: TroupeEncodeSubjects computes it with the pooling head
+    of the user's SigLIP file (``features.pooled``); without that head, ComfyUI's post-layernorm tokens averaged.
     """
     want = adapter.module.config.encoder_dim
     if adapter.format in (INSTANTX, XLABS):
         name, encoder = ("InstantX", "SigLIP so400m 384") if adapter.format == INSTANTX else ("XLabs", "CLIP ViT-L/14")
-        pooled = features.image_embeds
+        pooled = features.pooled if adapter.format == INSTANTX and features.pooled is not None else \
+            features.image_embeds
         if pooled is None:
             raise node_error(NODE, "features", f"the {name} adapter needs the encoder's pooled output (width {want}, {encoder}), "
                                    f"but these features have none; encode with the {encoder} vision model")
@@ -69,6 +70,7 @@ def apply_flux(model, adapter: Adapter, features: ClipFeatures, settings: ApplyS
                               "adapter file (troupe-flux, InstantX or XLabs FLUX IP-Adapter)")
     if settings.branches not in DDS_MODES:
         raise node_error(NODE, "branches", f"expected one of {', '.join(DDS_MODES)}, got {settings.branches!r}")
+    features = features.for_crop(adapter.module.trained_crop)  # the crop geometry this file was trained with
     if not 0.0 <= settings.start_percent <= settings.end_percent <= 1.0:
         raise node_error(NODE, "start_percent", f"need 0 <= start_percent <= end_percent <= 1, got {settings.start_percent} and "
                                     f"{settings.end_percent}")
@@ -92,7 +94,7 @@ def apply_flux(model, adapter: Adapter, features: ClipFeatures, settings: ApplyS
     params = InjectionParams(weight=settings.weight, subject_weights=weights,
                              sigma_start=float(sampling.percent_to_sigma(settings.start_percent)),
                              sigma_end=float(sampling.percent_to_sigma(settings.end_percent)),
-                             dds=settings.branches)
+                             dds=resolve_dds(settings.branches, adapter.format))
     tokens = adapter.module.reference_tokens(inputs)  # once per apply: it does not depend on the timestep
     flipped = any(getattr(b, "flipped_img_txt", False) for b in diffusion_model.double_blocks)
     injection = FluxInjection(adapter.module, tokens, params, layout, nd, getattr(diffusion_model, "patch_size", 2),
@@ -129,10 +131,13 @@ class TroupeApplyFLUX(io.ComfyNode):
                                tooltip="Inject from this fraction of the sampling schedule on (0 = first step)."),
                 io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Stop injecting after this fraction of the schedule (1 = last step)."),
-                io.Combo.Input("branches", options=list(DDS_MODES), default=IMAGE_ONLY,
-                               tooltip="Dynamic Decoupling Strategy: 'image branch only' (inference rule: subject "
-                                       "identity without its pose/light) or 'both branches' (text tokens too, as "
-                                       "in training; shows the entanglement of Fig. 15)."),
+                io.Combo.Input("branches", options=list(DDS_MODES), default=AS_TRAINED,
+                               tooltip="Which tokens get the subject term. 'as trained': the file's own rule "
+                                       "(DynaIP and XLabs files: image tokens only; InstantX: image tokens in "
+                                       "double blocks, the whole stream in single blocks). 'image branch only' "
+                                       "(DynaIP's Dynamic Decoupling inference rule), 'both branches' (text tokens "
+                                       "too, as DynaIP trains; Fig. 15), 'whole stream in single blocks "
+                                       "(InstantX)'."),
                 types.Subjects.Input("subjects", optional=True,
                                      tooltip="The encoded subject list: their weights scale each subject "
                                              "(lambda_i); without it every subject has weight 1."),
@@ -144,7 +149,7 @@ class TroupeApplyFLUX(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, branches: str = DDS_MODES[0], weight: float = 1.0, start_percent: float = 0.0,
+    def validate_inputs(cls, branches: str = AS_TRAINED, weight: float = 1.0, start_percent: float = 0.0,
                         end_percent: float = 1.0) -> bool | str:
         """At queue time: 0.3.75 checks neither V3 combo values nor the range of an input declared here; NaN passes
         any range."""
@@ -163,4 +168,15 @@ class TroupeApplyFLUX(io.ComfyNode):
     def execute(cls, model, adapter, features, weight: float, start_percent: float, end_percent: float,
                 branches: str, subjects=None, layout=None) -> io.NodeOutput:
         settings = ApplySettings(weight, start_percent, end_percent, branches)
-        return io.NodeOutput(apply_flux(model, adapter, features, settings, subjects, layout))
+        patched = apply_flux(model, adapter, features, settings, subjects, layout)
+        return io.NodeOutput(patched, ui=ui.PreviewText(flux_report(adapter, features, settings)))
+
+
+def flux_report(adapter: Adapter, features: ClipFeatures, settings: ApplySettings) -> str:
+    """What TroupeApplyFLUX shows: the injection rule, crop and pooled input it used for this file."""
+    rule = resolve_dds(settings.branches, adapter.format)
+    lines = [f"{adapter.format}: {rule}" + (" (as trained)" if settings.branches == AS_TRAINED else ""),
+             features.for_crop(adapter.module.trained_crop).crop_note(adapter.module.trained_crop)]
+    if adapter.format == INSTANTX:
+        lines.append("pooled input: " + (features.pooled_source or "image_embeds (not a SigLIP encoding)"))
+    return "\n".join(lines)

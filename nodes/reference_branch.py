@@ -1,6 +1,7 @@
 """FLUX reference branch nodes: TroupeReferenceBranch (MOSAIC / AlignGen) and TroupeAttentionMaskPreview."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import comfy.ldm.flux.math
@@ -12,12 +13,14 @@ from comfy_api.latest import io, ui
 from ..models.adapter_file import AdapterFormatError, read_state_dict
 from ..models.layout.grid import token_grid
 from ..models.reference.branch import (
+    POSITION_MODES,
     REFERENCE_ATTENTION,
     LabelNotFound,
     ReferenceBranch,
     ReferenceOptions,
     label_positions,
     prepare_reference_image,
+    trained_positions,
 )
 from ..models.reference.dem import Alignment, insert_positions, load_dem
 from ..models.reference.hooks import ReferencePatch
@@ -152,6 +155,7 @@ def reference_branch(model, vae, subjects, inputs: BranchInputs, layout=None, cl
     region_masks = None
     if layout is not None:
         region_masks = lambda h, w: layout.masks(h, w)[: len(subjects)]  # noqa: E731
+    opts = dataclasses.replace(opts, positions=trained_positions(opts.positions, lora.format if lora else None))
     base = model.model
     branch = ReferenceBranch(dit=dit, latents=latents, ref_subject=owner, options=opts,
                              concept_positions=positions, subject_weights=[s.weight for s in subjects],
@@ -160,7 +164,8 @@ def reference_branch(model, vae, subjects, inputs: BranchInputs, layout=None, cl
                              n_txt_hint=n_t5 + (len(subjects) if dem is not None else 0))
     patched = install_branch(model, branch)
     lines = [f"{len(latents)} reference(s) of {len(subjects)} subject(s) at {inputs.reference_size}px, "
-             f"t_ref={opts.timestep}, attention={opts.attention}"]
+             f"t_ref={opts.timestep}, attention={opts.attention}, positions: {opts.positions}"
+             + (" (as trained)" if inputs.options.positions == "as trained" else "")]
     if earlier:
         lines.append(f"joins {len(earlier)} reference branch(es) already on the model (one joint attention)")
     for s, p in zip(subjects, positions):
@@ -249,6 +254,12 @@ class TroupeReferenceBranch(io.ComfyNode):
                 io.Clip.Input("clip", optional=True,
                               tooltip="Optional FLUX CLIP: its T5 tokenizer finds the label tokens. Without it "
                                       "ComfyUI's own T5 tokenizer files are used (no weights needed)."),
+                io.Combo.Input("reference_positions", options=list(POSITION_MODES), default="as trained",
+                               optional=True,
+                               tooltip="RoPE positions of the references. 'as trained': by the LoRA file (MOSAIC's: "
+                                       "each reference its own offset; Troupe's AlignGen-style: the same index). "
+                                       "'offset per reference (MOSAIC)', 'same index (AlignGen)' (Sec. 4.2 of "
+                                       "AlignGen: every reference at the same positions, left of the image)."),
             ],
             outputs=[io.Model.Output(display_name="model")],
             is_output_node=True,
@@ -277,10 +288,11 @@ class TroupeReferenceBranch(io.ComfyNode):
     @classmethod
     def execute(cls, model, vae, subjects, prompt: str, reference_size: int, reference_timestep: float,
                 reference_guidance: float, reference_attention: str, selective_text: bool, region: bool,
-                lora_name: str, lora_strength: float, dem_name: str, layout=None, clip=None) -> io.NodeOutput:
+                lora_name: str, lora_strength: float, dem_name: str, layout=None, clip=None,
+                reference_positions: str = "as trained") -> io.NodeOutput:
         options = ReferenceOptions(timestep=reference_timestep, guidance=reference_guidance,
                                    attention=reference_attention, selective_text=selective_text, region=region,
-                                   lora_strength=lora_strength)
+                                   lora_strength=lora_strength, positions=reference_positions)
         inputs = BranchInputs(prompt=prompt, reference_size=reference_size, options=options, lora_name=lora_name,
                               dem_name=dem_name)
         patched, report = reference_branch(model, vae, subjects, inputs, layout=layout, clip=clip)

@@ -6,12 +6,13 @@ import functools
 
 import comfy.ldm.modules.attention as comfy_attention
 import torch
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
 from ..models.encoding.reference_features import ClipFeatures
 from ..models.layout.layout import Layout
 from ..models.sdxl.patch import (
     BLOCK_CHOICES,
+    SUBJECT_SCALES,
     LayerKey,
     RegionalAttentionPatch,
     RegionalParams,
@@ -102,6 +103,8 @@ def apply_sdxl(model, adapter, features: ClipFeatures, layout: Layout, params: R
         raise node_error(NODE, "adapter", f"expected an SDXL adapter, got a {getattr(adapter, 'family', type(adapter).__name__)}"
                               " one; load an MS-Diffusion, R^3 or IP-Adapter SDXL file with TroupeLoadAdapter")
     module = adapter.module
+    trained = getattr(module, "trained_crop", None)
+    features = features.for_crop(trained) if trained else features  # the geometry this file was trained with
     n = features.num_subjects
     if n != len(layout):
         raise node_error(NODE, "layout", f"{len(layout)} regions for {n} encoded subjects; draw one box per subject")
@@ -150,6 +153,25 @@ def apply_sdxl(model, adapter, features: ClipFeatures, layout: Layout, params: R
     return lifecycle.install(model, patch, "sdxl", attn2=keys, canvas=(layout.width, layout.height))
 
 
+def sdxl_report(adapter, features: ClipFeatures, params: RegionalParams) -> str:
+    """What TroupeApplySDXL shows: the behaviour it used for this file (README, "Golden parity")."""
+    from ..models.sdxl.patch import subject_scale_rule
+
+    module = adapter.module
+    keys = layer_keys_for(module, params.blocks)
+    lines = [f"{adapter.format}: {len(keys)} of {len(module.layer_keys())} cross-attention layers ({params.blocks})"
+             + (" - as trained" if len(keys) == len(module.layer_keys()) else " - fewer than the file was trained with"),
+             features.for_crop(module.trained_crop).crop_note(module.trained_crop)
+             if getattr(module, "trained_crop", None) else f"crop: {features.crop}"]
+    if params.subject_weights:
+        rule = subject_scale_rule(module, params)
+        lines.append(f"subject weights: {rule}" + (" (as MS-Diffusion)" if rule != "times weight" and
+                                                   params.subject_scale == "as trained" else ""))
+    if params.layer_weights.strip():
+        lines.append(f"layer weights: {params.layer_weights.strip()}")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- node
 
 
@@ -178,15 +200,17 @@ class TroupeApplySDXL(io.ComfyNode):
                                tooltip="Sampling progress at which the subjects start acting (0 = first step)."),
                 io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Sampling progress after which the subjects stop acting (1 = last step)."),
-                io.Combo.Input("blocks", options=list(BLOCK_CHOICES), default="down+mid",
-                               tooltip="Which cross-attention layers to patch: down + mid (A.2 of R^3), all, or "
-                                       "one part."),
+                io.Combo.Input("blocks", options=list(BLOCK_CHOICES), default="all",
+                               tooltip="Which cross-attention layers get subject tokens: all (as MS-Diffusion and "
+                                       "IP-Adapter were trained), or fewer: down + mid (where R^3 applies its "
+                                       "alignment loss), down, mid, up, down + up."),
                 io.Combo.Input("routing", options=list(MODES), default="learned",
                                tooltip="How the four token levels are weighted per step: learned (the file's "
                                        "router), static (25% each), manual (the schedule string)."),
                 io.String.Input("schedule", default="",
                                 tooltip="Manual routing only: the level weights per timestep (format in the README, "
-                                        "e.g. '0.0:1,0,0,0; 0.5:0.25,0.25,0.25,0.25; 1.0:0,0,0,1')."),
+                                        "e.g. '1.0:1,0,0,0; 0.5:0.25,0.25,0.25,0.25; 0.0:0,0,0,1': t = 1 is the "
+                                        "first step, structure (base tokens) first, details (T3) last)."),
                 io.Boolean.Input("refine", default=True,
                                  tooltip="Use the refined detail levels (R^3 files); off = base tokens only, as "
                                          "MS-Diffusion."),
@@ -195,13 +219,21 @@ class TroupeApplySDXL(io.ComfyNode):
                                       "grounding resampler (MS-Diffusion and R^3 files need it)."),
                 types.Subjects.Input("subjects", optional=True,
                                      tooltip="Optional: the subject list, to use each subject's weight (default 1)."),
+                io.String.Input("layer_weights", default="", optional=True,
+                                tooltip="Optional, as IPAdapter_plus' layer_weights: 'index:weight, ...' per "
+                                        "transformer module in forward order (0-3 down, 4 mid, 5-10 up), times "
+                                        "'weight'; unlisted modules get no subject term. Empty: every layer."),
+                io.Combo.Input("subject_weights", options=list(SUBJECT_SCALES), default="as trained", optional=True,
+                               tooltip="How each subject's weight meets 'weight': 'as trained' (MS-Diffusion files: "
+                                       "the subject weights replace it, as MS-Diffusion does; others: multiply), "
+                                       "'times weight', or 'instead of weight (MS-Diffusion)'."),
             ],
             outputs=[io.Model.Output(display_name="model")],
         )
 
     @classmethod
-    def validate_inputs(cls, blocks: str = "down+mid", routing: str = "learned", weight: float = 0.6,
-                        start_percent: float = 0.0, end_percent: float = 1.0) -> bool | str:
+    def validate_inputs(cls, blocks: str = "all", routing: str = "learned", subject_weights: str = "as trained",
+                        weight: float = 0.6, start_percent: float = 0.0, end_percent: float = 1.0) -> bool | str:
         """At queue time: 0.3.75 checks neither V3 combo values nor the range of an input declared here (no ``**kw``:
         with it ComfyUI skips every input's min/max), and NaN passes any range."""
         for name, value, high in (("weight", weight, 5.0), ("start_percent", start_percent, 1.0),
@@ -215,15 +247,26 @@ class TroupeApplySDXL(io.ComfyNode):
             return error_text(NODE, "blocks", f"expected one of {', '.join(BLOCK_CHOICES)}, got {blocks!r}")
         if routing not in MODES:
             return error_text(NODE, "routing", f"expected one of {', '.join(MODES)}, got {routing!r}")
+        if subject_weights not in SUBJECT_SCALES:
+            return error_text(NODE, "subject_weights", f"expected one of {', '.join(SUBJECT_SCALES)}, got "
+                                                       f"{subject_weights!r}")
         return True
 
     @classmethod
     def execute(cls, model, adapter, features, layout, weight: float, start_percent: float, end_percent: float,
-                blocks: str, routing: str, schedule: str, refine: bool, clip=None, subjects=None) -> io.NodeOutput:
+                blocks: str, routing: str, schedule: str, refine: bool, clip=None, subjects=None,
+                layer_weights: str = "", subject_weights: str = "as trained") -> io.NodeOutput:
         if start_percent > end_percent:
             raise node_error(NODE, "end_percent", f"end ({end_percent}) is before start ({start_percent}); set end >= start")
         if routing == "manual" and not schedule.strip():
             raise node_error(NODE, "schedule", "routing is 'manual' but the schedule is empty; write one or pick 'learned'")
-        params = RegionalParams(weight=weight, subject_weights=tuple(s.weight for s in subjects or ()),
-                                blocks=blocks, routing=routing, schedule=schedule.strip() or None, refine=bool(refine))
-        return io.NodeOutput(apply_sdxl(model, adapter, features, layout, params, clip, start_percent, end_percent))
+        try:
+            params = RegionalParams(weight=weight, subject_weights=tuple(s.weight for s in subjects or ()),
+                                    blocks=blocks, routing=routing, schedule=schedule.strip() or None,
+                                    refine=bool(refine), layer_weights=layer_weights or "",
+                                    subject_scale=subject_weights)
+        except ValueError as e:
+            name = "layer_weights" if "layer weights" in str(e) else "subject_weights"
+            raise node_error(NODE, name, str(e)) from None
+        patched = apply_sdxl(model, adapter, features, layout, params, clip, start_percent, end_percent)
+        return io.NodeOutput(patched, ui=ui.PreviewText(sdxl_report(adapter, features, params)))

@@ -20,9 +20,20 @@ import torch.nn.functional as F
 from ..layout.grid import token_grid
 from ..layout.layout import Layout
 
+AS_TRAINED = "as trained"
 IMAGE_ONLY = "image branch only"
 BOTH = "both branches"
-DDS_MODES: tuple[str, ...] = (IMAGE_ONLY, BOTH)
+# InstantX's injection (its ComfyUI port, IPAFluxAttnProcessor2_0): image tokens in double blocks, the whole joint
+# stream (text tokens included) in single blocks
+SINGLE_STREAM = "whole stream in single blocks (InstantX)"
+DDS_MODES: tuple[str, ...] = (AS_TRAINED, IMAGE_ONLY, BOTH, SINGLE_STREAM)
+TRAINED_DDS = {"troupe-flux": IMAGE_ONLY, "instantx-flux": SINGLE_STREAM, "xlabs-flux": IMAGE_ONLY}
+
+
+def resolve_dds(mode: str, fmt: str) -> str:
+    """The injection rule a mode means for a file format: ``as trained`` is the rule the format was made for
+    (DynaIP's image-only inference rule for the pack's own files and XLabs, InstantX's for InstantX)."""
+    return TRAINED_DDS.get(fmt, IMAGE_ONLY) if mode == AS_TRAINED else mode
 
 AttentionFn = Callable[..., torch.Tensor]
 
@@ -35,10 +46,10 @@ class InjectionParams:
     subject_weights: tuple[float, ...] = ()
     sigma_start: float = float("inf")  # sigma at start_percent (larger sigma = earlier)
     sigma_end: float = 0.0
-    dds: str = IMAGE_ONLY
+    dds: str = IMAGE_ONLY  # resolved (resolve_dds): never AS_TRAINED here
 
     def __post_init__(self) -> None:
-        if self.dds not in DDS_MODES:
+        if self.dds not in DDS_MODES or self.dds == AS_TRAINED:
             raise ValueError(f"branches must be one of {DDS_MODES}, got {self.dds!r}")
 
 

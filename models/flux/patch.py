@@ -26,6 +26,7 @@ from ..layout.layout import Layout
 from .adapter import RESIDUAL, FluxImageAdapter
 from .injection import (
     BOTH,
+    SINGLE_STREAM,
     AttentionFn,
     InjectionParams,
     TokenMasks,
@@ -225,13 +226,14 @@ class FluxInjection:
     def spans(self, kind: str, args: dict, n_txt: int, n_img: int) -> list[Span]:
         """Every part of the block that receives the term (see ``Span``)."""
         both = self.params.dds == BOTH
+        whole_single = both or self.params.dds == SINGLE_STREAM
         if kind == "double":
             txt_len, img_len = args["txt"].shape[1], args["img"].shape[1]
             img_off, txt_off = (0, img_len) if self.flipped_img_txt else (txt_len, 0)
             parts = [(img_off, n_img, "img", 0, 0)]
             return parts + ([(txt_off, txt_len, "txt", 0, None)] if both else [])
-        # single block: [text | image | reference latents]; both branches: text (M = 1) and image in one span
-        return [(0, n_txt + n_img, "img", 0, n_txt)] if both else [(n_txt, n_img, "img", n_txt, 0)]
+        # single block: [text | image | reference latents]; both branches and InstantX: text (M = 1) and image
+        return [(0, n_txt + n_img, "img", 0, n_txt)] if whole_single else [(n_txt, n_img, "img", n_txt, 0)]
 
     def computation(self, run: dict, kind: str, index: int, pe, lam: torch.Tensor, lh: int, lw: int,
                     spans: list[Span]) -> Callable[[torch.Tensor], list[Addition]]:
@@ -249,6 +251,7 @@ class FluxInjection:
             return adds
 
         return compute
+
 
     def record(self, run: dict, kind: str, q: torch.Tensor, pe, keys: list, lam: torch.Tensor, lh: int, lw: int,
                start: int) -> None:

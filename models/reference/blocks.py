@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .branch import (
+    SAME_INDEX,
     AttentionFn,
     ReferenceBranch,
     ReferenceOptions,
@@ -323,7 +324,8 @@ def reference_tokens(branch: ReferenceBranch, lora: ReferenceLoRA | None, dtype,
 
 def reference_pe(branch: ReferenceBranch, batch: int, device, column_offset: int = 0) -> torch.Tensor:
     """The references' RoPE table: positions left of the image and of ``column_offset`` columns of other streams."""
-    ids = torch.cat(reference_positions(branch.grids(), column_offset), dim=0).to(device)
+    same = branch.options.positions == SAME_INDEX
+    ids = torch.cat(reference_positions(branch.grids(), column_offset, same_index=same), dim=0).to(device)
     return branch.dit.pe_embedder(ids[None].expand(batch, -1, -1))
 
 

@@ -24,6 +24,8 @@ from ..layout.grid import token_grid
 from .lora import ReferenceLoRA
 
 REFERENCE_ATTENTION = ("joint", "self_cached")
+AS_TRAINED, OFFSETS, SAME_INDEX = "as trained", "offset per reference (MOSAIC)", "same index (AlignGen)"
+POSITION_MODES = (AS_TRAINED, OFFSETS, SAME_INDEX)
 STATE_KEY = "troupe_reference_branch"
 NEG = float("-inf")
 
@@ -47,10 +49,21 @@ class ReferenceOptions:
     selective_text: bool = False
     region: bool = False
     lora_strength: float = 1.0
+    positions: str = OFFSETS
 
     def __post_init__(self) -> None:
         if self.attention not in REFERENCE_ATTENTION:
             raise ValueError(f"reference attention must be one of {REFERENCE_ATTENTION}, got {self.attention!r}")
+        if self.positions not in POSITION_MODES:
+            raise ValueError(f"reference positions must be one of {POSITION_MODES}, got {self.positions!r}")
+
+
+def trained_positions(mode: str, lora_format: str | None) -> str:
+    """What ``as trained`` means for a LoRA: MOSAIC files shift each reference (its inference.py), the pack's own
+    (AlignGen-style, the training toolkit's layout) give every reference the same index (Sec. 4.2 of 002)."""
+    if mode != AS_TRAINED:
+        return mode
+    return SAME_INDEX if lora_format == "troupe" else OFFSETS
 
 
 # --------------------------------------------------------------------------- tokens and positions
@@ -67,16 +80,20 @@ def patchify(latent: torch.Tensor, patch: int = 2) -> torch.Tensor:
     return x.reshape(b, hh * ww, c * patch * patch)
 
 
-def reference_positions(grids: Sequence[tuple[int, int]], column_offset: int = 0) -> list[torch.Tensor]:
+def reference_positions(grids: Sequence[tuple[int, int]], column_offset: int = 0,
+                        same_index: bool = False) -> list[torch.Tensor]:
     """RoPE ids [h*w, 3] per reference: (0, row, col - offset), offset = total width of references 1..i.
+
+    ``same_index`` (AlignGen, Sec. 4.2 of 002): every reference at the same ids, left of the image by the widest.
 
     MOSAIC shifts reference i by ``-(i + 1) * width`` columns; with the noisy image at columns >= 0 and each
     reference left of the previous one, no two positions coincide (checked in the tests). ``column_offset``
     shifts them all further left (past the references of another branch in the same model).
     """
     out, offset = [], column_offset
+    widest = max((w for _, w in grids), default=0)
     for h, w in grids:
-        offset += w
+        offset = column_offset + widest if same_index else offset + w
         rows = torch.arange(h, dtype=torch.float32)[:, None].expand(h, w)
         cols = torch.arange(w, dtype=torch.float32)[None, :].expand(h, w) - offset
         out.append(torch.stack([torch.zeros(h, w), rows, cols], dim=-1).reshape(h * w, 3))
@@ -291,7 +308,8 @@ class ReferenceBranch:
     @property
     def width(self) -> int:
         """Token columns all references take side by side (how far another branch's references shift)."""
-        return sum(w for _, w in self.grids())
+        widths = [w for _, w in self.grids()]
+        return max(widths, default=0) if self.options.positions == SAME_INDEX else sum(widths)
 
     def mask_spec(self, n_txt: int, n_img: int, img_grid: tuple[int, int] | None,
                   concept_positions: Sequence[Sequence[int]] | None = None,

@@ -25,8 +25,9 @@ the ``run`` dict the host hands in (``nodes/lifecycle.py``), so clones may share
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -34,12 +35,19 @@ import torch.nn.functional as F
 from ..attention_record import RUN_KEY, subject_mass
 from ..layout.grid import grid_of_tokens
 from ..layout.layout import Layout
+from .layer_weights import layer_weight, parse_layer_weights
 from .router import MODES
 
 LayerKey = tuple[str, int, int]
 AttentionFn = Callable[..., torch.Tensor]
 
-BLOCK_CHOICES: tuple[str, ...] = ("down+mid", "all", "down", "mid", "up")
+# "all": every cross-attention layer the file has weights for, as MS-Diffusion and IP-Adapter were trained;
+# "down+mid" is where 000 applies its alignment loss (Sec. 3.4.2), not where it injects subject tokens
+BLOCK_CHOICES: tuple[str, ...] = ("all", "down+mid", "down", "mid", "up", "down+up")
+# how per-subject weights combine with the global weight: MS-Diffusion's processor drops the global scale when
+# per-subject scales are given (MaskedIPAttnProcessor2_0); "as trained" does that for MS-Diffusion files
+AS_TRAINED, TIMES_WEIGHT, INSTEAD_OF_WEIGHT = "as trained", "times weight", "instead of weight (MS-Diffusion)"
+SUBJECT_SCALES: tuple[str, ...] = (AS_TRAINED, TIMES_WEIGHT, INSTEAD_OF_WEIGHT)
 SEMANTICS: tuple[str, ...] = ("joint", "separate")
 
 
@@ -57,7 +65,7 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int
 
 
 def block_selected(key: LayerKey, blocks: str) -> bool:
-    """Which UNet part a layer belongs to: input = down, middle = mid, output = up (A.2 of 000: down + mid)."""
+    """Which UNet part a layer belongs to: input = down, middle = mid, output = up."""
     part = {"input": "down", "middle": "mid", "output": "up"}[key[0]]
     if blocks == "all":
         return True
@@ -106,16 +114,38 @@ class RegionalParams:
     subject_weights: tuple[float, ...] = ()
     sigma_start: float = math.inf  # the patch acts while sigma_end <= sigma <= sigma_start
     sigma_end: float = 0.0
-    blocks: str = "down+mid"
+    blocks: str = "all"
     routing: str = "learned"
     schedule: str | None = None
     refine: bool = True
+    layer_weights: str = ""  # IPAdapter_plus' "index:weight, ..." per transformer module (layer_weights.py)
+    subject_scale: str = AS_TRAINED
 
     def __post_init__(self) -> None:
         if self.blocks not in BLOCK_CHOICES:
             raise ValueError(f"blocks must be one of {BLOCK_CHOICES}, got {self.blocks!r}")
+        if self.subject_scale not in SUBJECT_SCALES:
+            raise ValueError(f"subject weights must be one of {SUBJECT_SCALES}, got {self.subject_scale!r}")
+        parse_layer_weights(self.layer_weights)  # a malformed string fails here, not mid-sampling
         if self.routing not in MODES:
             raise ValueError(f"routing must be one of {MODES}, got {self.routing!r}")
+
+
+def subject_scale_rule(adapter: Any, params: RegionalParams) -> str:
+    """``times weight`` or ``instead of weight (MS-Diffusion)``: what ``as trained`` means for this file."""
+    if params.subject_scale != AS_TRAINED:
+        return params.subject_scale
+    return INSTEAD_OF_WEIGHT if getattr(adapter, "format", "") == "ms-diffusion" else TIMES_WEIGHT
+
+
+def subject_scales(adapter: Any, params: RegionalParams, n: int) -> torch.Tensor:
+    """The scale of each subject's image term [N]: its weight times the global weight, or (MS-Diffusion, when
+    subject weights are given) its weight alone, as MaskedIPAttnProcessor2_0 does."""
+    given = tuple(params.subject_weights)
+    s = torch.tensor(given or (1.0,) * n, dtype=torch.float32)
+    if given and subject_scale_rule(adapter, params) == INSTEAD_OF_WEIGHT:
+        return s
+    return s * float(params.weight)
 
 
 def route_gates(adapter: Any, t: float, params: RegionalParams) -> torch.Tensor:
@@ -162,6 +192,8 @@ class RegionalAttentionPatch:
             raise ValueError(f"{len(self.subject_weights)} subject weights for {n} subjects")
         self.attention = attention
         self.sigma_to_t = sigma_to_t
+        self.layer_weights = parse_layer_weights(params.layer_weights)
+        self.scales = subject_scales(adapter, params, n)
         if self.semantics == "joint" and adapter.dummy_tokens is None:
             raise ValueError("a joint-attention adapter needs dummy tokens (MS-Diffusion's dummy_image_tokens)")
 
@@ -235,9 +267,8 @@ class RegionalAttentionPatch:
         ck = ("scales", sigma, device, dtype)
         if ck not in run:
             g = level_gates(self.num_levels, self.tokens.shape[2], self.gates(sigma, run))
-            s = torch.tensor(self.subject_weights, dtype=torch.float32) * float(self.params.weight)
             ks = g[None].expand(self.num_subjects, -1)
-            vs = ks * s[:, None]
+            vs = ks * self.scales[:, None]
             run[ck] = (ks.to(device=device, dtype=dtype), vs.to(device=device, dtype=dtype))
         return run[ck]
 
@@ -270,6 +301,9 @@ class RegionalAttentionPatch:
         sigma = self.step_sigma(run, sigmas)
         if sigmas is not None and not self.active(sigma):
             return out
+        factor = layer_weight(self.layer_weights, key)
+        if factor == 0.0:
+            return out  # a module left out of layer_weights gets no image term (as IPAdapter_plus)
         shape = extra_options["original_shape"]
         h, w = grid_of_tokens(q.shape[1], int(shape[-2]), int(shape[-1]))
         chunks = list(extra_options.get("cond_or_uncond") or [0])
@@ -277,10 +311,11 @@ class RegionalAttentionPatch:
         for c, kind in enumerate(chunks):
             rows = slice(c * size, (c + 1) * size)
             if kind == 0:
-                out[rows] = out[rows] + self.image_attention(q[rows], key, h, w, sigma, heads, run=run)
+                out[rows] = out[rows] + factor * self.image_attention(q[rows], key, h, w, sigma, heads, run=run)
                 self.record(run, q[rows], key, h, w, sigma, heads)
             elif self.uncond_tokens is not None:
-                out[rows] = out[rows] + self.image_attention(q[rows], key, h, w, sigma, heads, uncond=True, run=run)
+                out[rows] = out[rows] + factor * self.image_attention(q[rows], key, h, w, sigma, heads, uncond=True,
+                                                                      run=run)
             # joint semantics: the uncond branch has zero boxes, so every pixel is background (zero image attention)
         return out
 
@@ -316,6 +351,7 @@ class RegionalAttentionPatch:
             else:
                 out[:, pix] += ip
         return out
+
 
     def record(self, run: dict, q: torch.Tensor, key: LayerKey, h: int, w: int, sigma: float, heads: int) -> None:
         """Per-subject attention mass of the cond rows' image term to the run's recorder (``attention_record``)."""

@@ -142,7 +142,9 @@ def test_joint_equals_ms_diffusion_masked_attention_non_square_overlapping():
     layout = Layout(160, 96, tuple(Region(box=b) for b in boxes))
     feats = torch.randn(2, 5, 16)
     tokens = adapter.subject_tokens(feats, torch.tensor(boxes))
-    params = RegionalParams(weight=0.6, subject_weights=(1.0, 1.7))
+    # "times weight": the global scale and the subject scales both (MS-Diffusion files by default drop the global
+    # scale when subject scales are given, as MaskedIPAttnProcessor2_0; test_golden_ms_diffusion checks that)
+    params = RegionalParams(weight=0.6, subject_weights=(1.0, 1.7), subject_scale="times weight")
     t_of_sigma = lambda s: 0.3
     patch = RegionalAttentionPatch(adapter, tokens, layout, params, sigma_to_t=t_of_sigma)
     h, w = 6, 10
@@ -381,10 +383,10 @@ def test_tiny_unet_layers_match_the_fixture_numbers(unet):
 
 
 def test_patches_a_clone_in_the_chosen_blocks_including_middle(unet):
-    model, _ = _apply(unet)
+    model, _ = _apply(unet, params=RegionalParams(blocks="down+mid"))
     assert sorted(_patches(model)) == sorted([("input", 4, 0), ("input", 5, 0), ("input", 7, 0), ("input", 8, 0),
                                               ("middle", 0, 0)])
-    model_all, _ = _apply(unet, params=RegionalParams(blocks="all"))
+    model_all, _ = _apply(unet)  # default: every layer the file has weights for, as MS-Diffusion was trained
     assert len(_patches(model_all)) == 11 and ("middle", 0, 0) in _patches(model_all)
     assert not _patches(unet[1])
 

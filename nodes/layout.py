@@ -8,6 +8,8 @@ from ..models.layout.layout import (
     OVERLAP_POLICIES,
     Layout,
     LayoutError,
+    Region,
+    default_boxes,
     layout_from_json,
     layout_from_masks,
     parse_layout_json,
@@ -25,7 +27,10 @@ def build_layout(width: int, height: int, boxes: str, subjects=None) -> Layout:
     """Parse the editor's JSON into a layout; labels come from the subjects when connected."""
     layout = layout_from_json(boxes, width, height)
     if not len(layout):
-        raise LayoutError("no boxes: draw one box per subject on the canvas (drag with the mouse)")
+        if not subjects:
+            raise LayoutError("no boxes and no subjects: connect the subject list (the boxes are then placed side "
+                              "by side), or draw one box per subject on the canvas (drag with the mouse)")
+        layout = Layout(width, height, tuple(Region(box=b) for b in default_boxes(len(subjects), width, height)))
     if subjects is not None:
         if len(subjects) != len(layout):
             raise LayoutError(
@@ -46,7 +51,8 @@ class TroupeLayout(io.ComfyNode):
             description=(
                 "Draw one box per subject on a canvas of width x height. Drag on empty canvas to draw, "
                 "drag a box to move it, drag a corner to resize, right-click (or select + Delete) to delete. "
-                "Box i places subject i. Boxes snap to the 8-pixel latent grid."
+                "Box i places subject i. Boxes snap to the 8-pixel latent grid. With no boxes drawn, the "
+                "connected subjects are placed in equal columns over the middle of the canvas (auto layout)."
             ),
             inputs=[
                 io.Int.Input("width", default=1024, min=64, max=8192, step=8,
@@ -60,7 +66,9 @@ class TroupeLayout(io.ComfyNode):
                                      tooltip="Optional: the subject list, to label each box with its subject's "
                                              "concept word and check there is one box per subject."),
             ],
-            outputs=[types.Layout.Output(display_name="layout")],
+            outputs=[types.Layout.Output(display_name="layout",
+                                         tooltip="The subject regions (region i = subject i), for the adapters, "
+                                                 "the reference branch, masks and the preview.")],
         )
 
     @classmethod

@@ -342,6 +342,16 @@ def snap_to_pixels(box: Box, width: int, height: int) -> Box:
     return (out[0], out[1], out[2], out[3])
 
 
+def default_boxes(count: int, width: int, height: int, grid: int = 8) -> list[Box]:
+    """The auto layout of an empty editor: ``count`` equal columns over the middle half of the canvas (rows 1/4 to
+    3/4), edges on the ``grid``-pixel latent grid; the editor draws the same boxes dashed."""
+    def snap(v: float, size: int) -> float:
+        return round(v * size / grid) * grid / size
+
+    y0, y1 = snap(0.25, height), snap(0.75, height)
+    return [(snap(i / count, width), y0, snap((i + 1) / count, width), y1) for i in range(count)]
+
+
 def layout_from_json(text: str, width: int, height: int) -> Layout:
     """Build a layout from the editor's JSON value and the canvas size (edges snapped to canvas pixels)."""
     boxes, labels = parse_layout_json(text)

@@ -110,10 +110,11 @@ def test_recording_changes_no_output_pixel(env, name):
     recorded, recording = env["maps"].record_attention(model, "all", 0.0, 1.0)
     plain = run(model)
     assert torch.equal(run(recorded), plain)
-    first = grid_means(recording)
+    first, calls = grid_means(recording), dict(recording.last.counts)
     assert first and recording.runs == 1
     assert torch.equal(run(recorded), plain) and recording.runs == 2
     second = grid_means(recording)  # a re-run replaces the maps, it does not add to them
+    assert recording.last.counts == calls
     assert first.keys() == second.keys() and all(torch.allclose(first[g], second[g]) for g in first)
 
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import comfy.ldm.flux.math
 import comfy.model_management
+import comfy.utils
 import folder_paths
 import torch
 from comfy_api.latest import io, ui
@@ -82,6 +83,7 @@ def find_labels(tokenizer, prompt: str, labels: list[str]) -> tuple[list[list[in
 def encode_references(vae, model, subjects, size: int) -> tuple[list[torch.Tensor], list[int]]:
     """Each view of each subject, masked and centred on white, VAE-encoded into the model's latent space."""
     latents, owner = [], []
+    progress = comfy.utils.ProgressBar(sum(s.num_images for s in subjects))  # one step per subject and view
     for j, s in enumerate(subjects):
         masks = s.masks() if s.mask is not None else [None] * s.num_images
         for v in range(s.num_images):
@@ -91,6 +93,7 @@ def encode_references(vae, model, subjects, size: int) -> tuple[list[torch.Tenso
                 lat = model.model.process_latent_in(lat.float())
             latents.append(lat[0].detach().float().cpu().clone())
             owner.append(j)
+            progress.update(1)
     return latents, owner
 
 

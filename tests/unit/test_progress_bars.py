@@ -1,0 +1,34 @@
+"""ComfyUI progress bars on the pack's slow set-up steps (issue 15, item 4): one step per subject and view."""
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+from fixtures.tiny_models import ensure_comfy
+
+from comfyui_troupe.models.layout.subject import Subject
+
+
+@pytest.fixture()
+def progress(monkeypatch):
+    """The (value, total) of every ComfyUI progress-bar update, through the host's global hook."""
+    ensure_comfy()
+    import comfy.utils
+
+    seen: list[tuple[int, int]] = []
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", lambda value, total, preview, node_id=None:
+                        seen.append((value, total)))
+    return seen
+
+
+def test_reference_vae_encoding_counts_every_subject_and_view(progress):
+    from comfyui_troupe.nodes import reference_branch
+
+    vae = types.SimpleNamespace(encode=lambda pixels: torch.zeros(pixels.shape[0], 16, 4, 4))
+    model = types.SimpleNamespace(model=types.SimpleNamespace(process_latent_in=lambda x: x))
+    subjects = (Subject(image=torch.rand(2, 24, 24, 3), label="dog"),  # two views
+                Subject(image=torch.rand(1, 24, 24, 3), label="cat"))
+    latents, owner = reference_branch.encode_references(vae, model, subjects, 32)
+    assert owner == [0, 0, 1] and len(latents) == 3
+    assert progress == [(1, 3), (2, 3), (3, 3)]

@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import comfy.model_management
 import comfy.model_patcher
+import comfy.utils
 import torch
 from comfy_api.latest import io, ui
 
@@ -86,10 +87,13 @@ def encode_subjects_dino(subjects, clip_vision=None, dino_model: str = NONE, res
     encoder = dino_source(clip_vision, dino_model)
     images = [s.image[0] for s in subjects]
     masks = [None if s.mask is None else s.masks()[0] for s in subjects]
+    progress = comfy.utils.ProgressBar(1)  # one batched forward for every subject (and the whole image)
     try:
-        return encode_dino(encoder, images, masks, [s.label for s in subjects], image=image, resolution=resolution)
+        features = encode_dino(encoder, images, masks, [s.label for s in subjects], image=image, resolution=resolution)
     except ValueError as e:
         raise node_error(NODE, None, str(e)) from None
+    progress.update(1)
+    return features
 
 
 # --------------------------------------------------------------------------- node

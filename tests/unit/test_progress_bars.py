@@ -32,3 +32,13 @@ def test_reference_vae_encoding_counts_every_subject_and_view(progress):
     latents, owner = reference_branch.encode_references(vae, model, subjects, 32)
     assert owner == [0, 0, 1] and len(latents) == 3
     assert progress == [(1, 3), (2, 3), (3, 3)]
+
+
+def test_dino_encoding_reports_its_forward(progress):
+    from fixtures.tiny_models import tiny_dinov2
+
+    from comfyui_troupe.nodes import dino
+
+    subjects = (Subject(image=torch.rand(1, 32, 32, 3), label="dog"),)
+    dino.encode_subjects_dino(subjects, clip_vision=tiny_dinov2(layers=1))
+    assert progress == [(1, 1)]

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import json
 
-import comfy.model_management
-import comfy.utils
+import comfy.model_management  # noqa: F401 (ruff reads it as shadowed by the local comfy.clip_vision import)
 import folder_paths
 import torch
 from comfy_api.latest import io, ui
 
+from ..models.adapter_file import AdapterFormatError, read_state_dict
 from ..models.encoding.clip_features import (
     AS_TRAINED,
     CROP_CHOICES,
@@ -185,10 +185,9 @@ def pooled_outputs(clip_vision, hidden: torch.Tensor, out, head: SiglipPoolingHe
 def load_fusion(name: str) -> HMoE:
     """An HMoE checkpoint from models/troupe (safetensors, or a weights-only torch file)."""
     path = folder_paths.get_full_path_or_raise("troupe", name)
-    sd = comfy.utils.load_torch_file(path, safe_load=True)
-    try:
-        return hmoe_from_state_dict(sd)
-    except FusionCheckpointError as e:
+    try:  # the pack's safe reader: truncated, non-tensor and code-running files are refused with the file named
+        return hmoe_from_state_dict(read_state_dict(path))
+    except (FusionCheckpointError, AdapterFormatError) as e:
         raise node_error("TroupeLoadFusion", "fusion_name", f"{name}: {e}") from None
 
 

@@ -107,14 +107,15 @@ def read_lora(name: str, dit):
 
 def read_dem(name: str, label_pos: list[list[int]], n_t5: int) -> Alignment:
     path = folder_paths.get_full_path_or_raise("troupe", name)
-    metadata = {}
-    if path.lower().endswith(".safetensors"):
-        from safetensors import safe_open
-
-        with safe_open(path, "pt") as f:
-            metadata = f.metadata() or {}
     try:
-        dem = load_dem(read_state_dict(path), metadata)
+        sd = read_state_dict(path)  # a truncated or unsafe file is refused here, named, before the header is read
+        metadata = {}
+        if path.lower().endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(path, "pt") as f:
+                metadata = f.metadata() or {}
+        dem = load_dem(sd, metadata)
     except AdapterFormatError as e:
         raise node_error(NODE, "dem_name", f"{name}: {e}") from None
     return Alignment(dem, label_pos, n_t5)

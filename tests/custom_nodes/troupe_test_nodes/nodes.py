@@ -9,7 +9,7 @@ from . import cache
 from .clip_nodes import TroupeTestTinySDXLCLIP
 from .describe import describe
 from .redux_nodes import TroupeTestTinyRedux
-from .tensor_nodes import TroupeTestTensor
+from .tensor_nodes import TroupeTestHeld, TroupeTestTensor
 
 CATEGORY = "Troupe/testing"
 LATENT_CHANNELS = {"sdxl": 4, "flux": 16}
@@ -168,6 +168,7 @@ class TroupeTestInspect(io.ComfyNode):
 NODES: list[type[io.ComfyNode]] = [
     TroupeTestTinySDXL, TroupeTestTinyFLUX, TroupeTestTinyCLIPVision, TroupeTestTinyDINOv2, TroupeTestTinyVAE,
     TroupeTestConditioning, TroupeTestInspect, TroupeTestTinySDXLCLIP, TroupeTestTinyRedux, TroupeTestTensor,
+    TroupeTestHeld,
 ]
 
 

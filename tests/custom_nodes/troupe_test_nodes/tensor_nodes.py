@@ -36,3 +36,36 @@ class TroupeTestTensor(io.ComfyNode):
             image[:, height // 2, width // 2] = float(fill)
             mask[:, height // 2, width // 2] = float(fill)
         return io.NodeOutput(image, mask)
+
+
+class TroupeTestHeld(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="TroupeTestHeld", display_name="Troupe Test Held Objects", category=CATEGORY,
+            description="TEST ONLY. Output node: after a gc, the number of live objects whose class comes from the "
+                        "Troupe pack (its models/ and nodes/ modules), per class, and the process' resident memory.",
+            inputs=[io.Int.Input("nonce", default=0, min=0, max=2**31 - 1, tooltip="Change it to run again.")],
+            outputs=[io.String.Output(display_name="json")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, nonce: int) -> io.NodeOutput:
+        import gc
+        import json
+
+        gc.collect()
+        counts: dict[str, int] = {}
+        for obj in gc.get_objects():
+            module = type(obj).__module__ or ""
+            if "Troupe" in module and "troupe_test_nodes" not in module and (".models." in module or ".nodes." in module):
+                name = f"{module}.{type(obj).__qualname__}"
+                counts[name] = counts.get(name, 0) + 1
+        rss = 0
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    rss = int(line.split()[1]) * 1024
+        text = json.dumps({"objects": counts, "rss": rss})
+        return io.NodeOutput(text, ui={"text": [text]})

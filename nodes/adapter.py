@@ -6,6 +6,7 @@ from comfy_api.latest import io, ui
 from ..models.adapter_file import AdapterFamily, AdapterFormatError, detect_and_load, read_state_dict
 from . import paths, types
 from .errors import node_error
+from .search import aliases
 
 CATEGORY = "Troupe/adapters"
 NODE = "TroupeLoadAdapter"
@@ -37,6 +38,7 @@ class TroupeLoadAdapter(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id=NODE,
+            **aliases("ip-adapter", "ipadapter", "ms-diffusion", "instantx", "xlabs", "r3-adapter"),
             display_name="Troupe Load Adapter",
             category=CATEGORY,
             description="Load a multi-subject adapter (MS-Diffusion, IP-Adapter SDXL, InstantX or XLabs FLUX, "

@@ -15,6 +15,7 @@ from ..models.flux.patch import FluxInjection, check_model_fits
 from ..models.layout.layout import Layout
 from . import lifecycle, types
 from .errors import error_text, node_error, number_error
+from .search import aliases
 
 CATEGORY = "Troupe/apply"
 NODE = "TroupeApplyFLUX"
@@ -110,6 +111,7 @@ class TroupeApplyFLUX(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id=NODE,
+            **aliases("ip-adapter flux", "dynaip", "instantx", "xlabs", "multi subject flux"),
             display_name="Troupe Apply FLUX (DynaIP)",
             category=CATEGORY,
             description="Inject every subject into a FLUX model through an image cross-attention in each double "

@@ -17,6 +17,7 @@ from ..models.layout.layout import (
 from ..models.layout.preview import draw_layout, draw_masks
 from . import types
 from .errors import error_text, node_error
+from .search import aliases
 
 EMPTY_LAYOUT = '{"version": 1, "boxes": []}'
 CATEGORY = "Troupe/layout"
@@ -46,6 +47,7 @@ class TroupeLayout(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="TroupeLayout",
+            **aliases("box editor", "bounding boxes", "regional layout", "multi subject layout", "regions"),
             display_name="Troupe Layout (box editor)",
             category=CATEGORY,
             description=(

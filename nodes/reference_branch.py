@@ -29,6 +29,7 @@ from ..models.reference.lora import FluxDims, load_reference_lora
 from ..models.reference.mask_preview import draw_attention_mask
 from . import lifecycle, paths, types
 from .errors import error_text, node_error, number_error
+from .search import aliases
 
 CATEGORY = "Troupe/apply"
 PREVIEW_CATEGORY = "Troupe/flux"
@@ -211,6 +212,7 @@ class TroupeReferenceBranch(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id=NODE,
+            **aliases("mosaic", "aligngen", "redux", "reference lora", "multi subject flux"),
             display_name="Troupe Reference Branch (FLUX)",
             category=CATEGORY,
             description="MOSAIC / AlignGen reference branch for FLUX: each subject's reference (masked to the "

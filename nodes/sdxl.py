@@ -23,6 +23,7 @@ from ..models.sdxl.patch import (
 from ..models.sdxl.router import MODES, router_time
 from . import lifecycle, types
 from .errors import error_text, node_error, number_error
+from .search import aliases
 
 CATEGORY = "Troupe/apply"
 NODE = "TroupeApplySDXL"
@@ -180,6 +181,7 @@ class TroupeApplySDXL(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id=NODE,
+            **aliases("ip-adapter sdxl", "ms-diffusion", "multi subject sdxl", "r3-adapter", "regional ip-adapter"),
             display_name="Troupe Apply SDXL (multi-subject)",
             category=CATEGORY,
             description="Patch a copy of an SDXL model so every subject attends only inside its layout region, in "

@@ -6,6 +6,7 @@ from comfy_api.latest import io
 from ..models.layout.subject import MAX_SUBJECTS, Subject, SubjectError, subject_list
 from . import types
 from .errors import node_error, number_error
+from .search import aliases
 
 CATEGORY = "Troupe/subjects"
 
@@ -15,6 +16,7 @@ class TroupeSubject(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="TroupeSubject",
+            **aliases("reference image", "personalization", "identity", "subject reference"),
             display_name="Troupe Subject",
             category=CATEGORY,
             description="One subject: its reference image(s), an optional mask of the subject inside the "
@@ -56,6 +58,7 @@ class TroupeSubjectList(io.ComfyNode):
         ]
         return io.Schema(
             node_id="TroupeSubjectList",
+            **aliases("subjects", "multi subject", "reference list"),
             display_name="Troupe Subject List",
             category=CATEGORY,
             description="Collect up to 8 subjects; the order (skipping empty slots) is the layout's box order.",

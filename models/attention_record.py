@@ -4,7 +4,8 @@ Axis legend: B batch (cond rows), H heads, P image tokens of one grid (h * w), T
 
 For an image token p the mass given to subject i is ``a_i(p) = mean_H sum_{t in T_i} softmax(q_p K^T / sqrt(d))_t``
 over the softmax the patch itself computes (one per pixel group in joint attention, one per subject in separate
-attention and DynaIP's Eq. 9), times the factor that multiplies that attention's output where it is a mask (M_i of
+attention and DynaIP's Eq. 9, the block's joint attention over [text | image | references] with Eq. 6 of 002's
+mask for the reference branch), times the factor that multiplies that attention's output where it is a mask (M_i of
 Eq. 9 of 004, the coverage of IP-Adapter's regional masks). The recorder keeps, per token grid (h, w), the running
 sum of a [B, N, h * w] and a count of the calls added, never an attention matrix; the probabilities of one chunk of
 rows exist only while that chunk is summed. A patch finds the run's recorder in its run dict (``RUN_KEY``).
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 RUN_KEY = "troupe_attention_recorder"  # the run dict's key of the sampling run's AttentionRecorder
 PARTS: tuple[str, ...] = ("down", "mid", "up", "double", "single")  # SDXL UNet parts, FLUX block kinds
 BLOCK_CHOICES: tuple[str, ...] = ("all", "down", "mid", "up", "down+mid", "down+up", "double", "single")
-CHUNK_ROWS = 1024  # image tokens per softmax chunk: bounds the transient [B, H, rows, T] probabilities
+CHUNK_ROWS = 256  # image tokens per softmax chunk: bounds the transient [B, H, rows, T] probabilities
 
 
 @dataclass(frozen=True)
@@ -42,18 +43,25 @@ class RecordSettings:
 
 
 def subject_mass(q: torch.Tensor, k: torch.Tensor, subject_of_token: torch.Tensor, num_subjects: int,
-                 chunk: int = CHUNK_ROWS) -> torch.Tensor:
-    """Mass [B, P, N] of softmax(q K^T / sqrt(d)) per subject, mean over heads; q [B, H, P, d], k [H, T, d].
+                 bias: torch.Tensor | None = None, chunk: int = CHUNK_ROWS) -> torch.Tensor:
+    """Mass [B, P, N] of softmax(q K^T / sqrt(d) + bias) per subject, mean over heads; q [B, H, P, d], k [H, T, d]
+    or [B, H, T, d], bias [B, P, T] (an additive mask) or None.
 
-    ``subject_of_token`` [T] gives each key's subject; the softmax runs over all T keys (Eq. 2 of 004's CA, or the
-    joint softmax of MS-Diffusion); computed in float32, ``chunk`` rows at a time.
+    ``subject_of_token`` [T] gives each key's subject, -1 for keys of no subject (text, image); the softmax runs
+    over all T keys (Eq. 2 of 004's CA, MS-Diffusion's joint softmax, or FLUX's joint attention with references);
+    computed in float32, ``chunk`` rows at a time.
     """
     b, _, p, d = q.shape
-    one_hot = F.one_hot(subject_of_token.to(q.device).long(), num_subjects).float()  # [T, N]
+    owner = subject_of_token.to(q.device).long()
+    owner = torch.where(owner < 0, num_subjects, owner)
+    one_hot = F.one_hot(owner, num_subjects + 1)[:, :num_subjects].float()  # [T, N]
     kf = k.float()
+    pattern = "bhpd,htd->bhpt" if kf.ndim == 3 else "bhpd,bhtd->bhpt"
     out = q.new_zeros(b, p, num_subjects, dtype=torch.float32)
     for start in range(0, p, chunk):
-        logits = torch.einsum("bhpd,htd->bhpt", q[:, :, start:start + chunk].float(), kf) / math.sqrt(d)
+        logits = torch.einsum(pattern, q[:, :, start:start + chunk].float(), kf) / math.sqrt(d)
+        if bias is not None:
+            logits = logits + bias[:, None, start:start + chunk].float()
         out[:, start:start + chunk] = torch.softmax(logits, dim=-1).mean(1) @ one_hot
     return out
 

@@ -36,8 +36,8 @@ def attention_maps(image: torch.Tensor, recording: Recording) -> torch.Tensor:
     maps = recorder.maps(int(image.shape[1]), int(image.shape[2]))
     if maps is None:
         raise node_error(RENDER, "recording", "the sampled model had no Troupe patch attending in the chosen blocks "
-                         "and steps (nothing was recorded); put TroupeAttentionMaps after TroupeApplySDXL or "
-                         "TroupeApplyFLUX, or widen blocks / the step range")
+                         "and steps (nothing was recorded); put TroupeAttentionMaps after TroupeApplySDXL, "
+                         "TroupeApplyFLUX or TroupeReferenceBranch, or widen blocks / the step range")
     if maps.shape[0] != image.shape[0]:
         if maps.shape[0] != 1:
             raise node_error(RENDER, "image", f"{image.shape[0]} images but the last run sampled {maps.shape[0]}; "
@@ -54,11 +54,13 @@ class TroupeAttentionMaps(io.ComfyNode):
             display_name="Troupe Attention Maps (record)",
             category=CATEGORY,
             description="Records, while sampling, how much attention each image token gives to each subject's "
-                        "tokens in the Troupe patches of this model (SDXL joint and separate, FLUX DynaIP), averaged "
+                        "tokens in the Troupe patches of this model (SDXL joint and separate, FLUX DynaIP, the FLUX "
+                        "reference branch), averaged "
                         "over the chosen blocks and steps. Sample with the model output, then give the decoded image "
                         "and the recording to TroupeAttentionMapsRender. Recording changes no output pixel.",
             inputs=[
-                io.Model.Input("model", tooltip="A model with Troupe patches (after TroupeApplySDXL / TroupeApplyFLUX)."),
+                io.Model.Input("model", tooltip="A model with Troupe patches (after TroupeApplySDXL, TroupeApplyFLUX or "
+                                                "TroupeReferenceBranch)."),
                 io.Combo.Input("blocks", options=list(BLOCK_CHOICES), default="all",
                                tooltip="Which attention layers are averaged: SDXL UNet parts (down, mid, up) or FLUX "
                                        "block kinds (double, single); 'all' for every patched layer."),

@@ -19,6 +19,7 @@ from typing import Callable
 
 import torch
 
+from ..attention_record import RUN_KEY, AttentionRecorder, subject_mass
 from ..layout.grid import token_grid
 from .blocks import Stream, double_block, reference_pe, reference_tokens, reference_vec, self_cached_kv, single_block
 from .branch import STATE_KEY, AttentionFn, ReferenceBranch, sdpa_attention
@@ -94,6 +95,52 @@ def aligned_context(branch: ReferenceBranch, run: dict, context: torch.Tensor, i
     return out
 
 
+class RecordedAttention:
+    """The blocks' attention function that also gives the recorder the image rows' mass on each subject's
+    reference tokens (its first call over all keys: the joint attention of Eq. 6 of 002, mask included)."""
+
+    def __init__(self, attention: AttentionFn, recorder: AttentionRecorder, streams: list[Stream], n_txt: int,
+                 cond_rows: torch.Tensor) -> None:
+        self.attention, self.recorder, self.n_txt, self.cond_rows = attention, recorder, n_txt, cond_rows
+        owners = [torch.full((h * w,), int(subject)) for stream in streams  # the subject of each reference key
+                  for (h, w), subject in zip(stream.branch.grids(), stream.branch.ref_subject)]
+        self.ref_owners = torch.cat(owners) if owners else torch.zeros(0, dtype=torch.long)
+        self.grid = streams[0].img_grid
+        self.subjects = int(self.ref_owners.max()) + 1 if self.ref_owners.numel() else 0
+        self.done = False
+
+    def __call__(self, q, k, v, *args, mask=None, **kwargs):
+        out = self.attention(q, k, v, *args, mask=mask, **kwargs)
+        n_base = k.shape[2] - self.ref_owners.numel()
+        gh, gw = self.grid
+        if self.done or not self.subjects or n_base < self.n_txt + gh * gw or q.shape[2] < n_base:
+            return out
+        self.done = True
+        rows = self.cond_rows.to(q.device)
+        image = slice(self.n_txt, self.n_txt + gh * gw)
+        owners = torch.cat([torch.full((n_base,), -1), self.ref_owners])
+        bias = None if mask is None else mask.expand(q.shape[0], -1, -1).index_select(0, rows)[:, image]
+        mass = subject_mass(q.index_select(0, rows)[:, :, image], k.index_select(0, rows), owners, self.subjects,
+                            bias)
+        buf = self.recorder.begin((gh, gw), len(rows), self.subjects, q.device)
+        self.recorder.add(buf, mass)
+        return out
+
+
+def recorded_attention(attention: AttentionFn, run: dict, kind: str, streams: list[Stream], n_txt: int,
+                       to: dict, batch: int) -> AttentionFn:
+    """``attention``, or the recording one when this run records ``kind`` blocks at this step (cond rows only)."""
+    recorder = run.get(RUN_KEY)
+    sigmas = to.get("sigmas")
+    sigma = float("inf") if sigmas is None else float(sigmas.flatten()[0])
+    if recorder is None or not recorder.wants(kind, sigma) or streams[0].img_grid is None:
+        return attention
+    chunks = list(to.get("cond_or_uncond") or [0])
+    per = max(1, batch // len(chunks))
+    cond = torch.tensor([c == 0 for c in chunks for _ in range(per)][:batch])
+    return RecordedAttention(attention, recorder, streams, n_txt, torch.nonzero(cond).flatten())
+
+
 class ReferencePatch:
     """The reference branch on a model: a model-function hook and a hook for every double and single block."""
 
@@ -148,12 +195,14 @@ class ReferencePatch:
 
         def joint(a: dict) -> dict:
             to = a.get("transformer_options")
+            n_txt = a["txt"].shape[1] if kind == "double" else streams[0].n_txt
+            attention = recorded_attention(self.attention, run, kind, streams, n_txt, to or {}, a["img"].shape[0])
             if kind == "double":
                 img, txt = double_block(dit.double_blocks[index], index, a["img"], a["txt"], a["vec"], a["pe"],
-                                        a.get("attn_mask"), streams, self.attention, to)
+                                        a.get("attn_mask"), streams, attention, to)
                 return {"img": img, "txt": txt}
             img = single_block(dit.single_blocks[index], index, a["img"], a["vec"], a["pe"], a.get("attn_mask"),
-                               streams[0].n_txt, streams, self.attention, to)
+                               streams[0].n_txt, streams, attention, to)
             return {"img": img}
 
         return previous(args, {**extra, "original_block": joint, JOINT: True}) if previous is not None else joint(args)

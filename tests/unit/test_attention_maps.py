@@ -1,4 +1,4 @@
-"""TroupeAttentionMaps: the recorder on the tiny SDXL (joint and separate) and FLUX (DynaIP) through a real sampler.
+"""TroupeAttentionMaps: the recorder on the tiny SDXL (joint, separate) and FLUX (DynaIP, reference branch), sampled.
 
 The maps must be the attention mass each subject's tokens get (checked at one layer against MS-Diffusion's biased
 joint softmax written out by hand, and through whole runs against what the softmax gives by construction), zero
@@ -20,13 +20,13 @@ STEPS = 2
 @pytest.fixture(scope="module")
 def env():
     tm.ensure_comfy()
-    from comfyui_troupe.nodes import attention_maps, flux, lifecycle, sdxl
+    from comfyui_troupe.nodes import attention_maps, flux, lifecycle, reference_branch, sdxl
 
     path = Path(__file__).resolve().parents[1] / "custom_nodes" / "troupe_test_nodes" / "clip_nodes.py"
     spec = importlib.util.spec_from_file_location("troupe_test_clip_nodes", path)
     clip_nodes = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(clip_nodes)
-    return {"sdxl": sdxl, "flux": flux, "lifecycle": lifecycle, "maps": attention_maps, "sdxl_base": tm.tiny_sdxl(0),
+    return {"sdxl": sdxl, "flux": flux, "reference": reference_branch, "lifecycle": lifecycle, "maps": attention_maps, "sdxl_base": tm.tiny_sdxl(0),
             "flux_base": tm.tiny_flux(), "clip": clip_nodes.tiny_sdxl_clip(seed=2, width_l=24, width_g=16)}
 
 
@@ -68,8 +68,25 @@ def apply_flux(env):
     return env["flux"].apply_flux(env["flux_base"], adapter, features(2, 1), settings, layout=layout())
 
 
+def apply_reference(env, region: bool = True, spy=None):
+    """TroupeReferenceBranch's install: two references (8 x 8 latents), subject i confined to region i or not;
+    ``spy`` wraps the branch's attention function (the test's own computation of what it attends)."""
+    from comfyui_troupe.models.reference.branch import ReferenceBranch, ReferenceOptions
+    from comfyui_troupe.models.reference.branch import sdpa_attention as plain
+
+    gen = torch.Generator().manual_seed(101)
+    latents = [torch.randn(16, 8, 8, generator=gen) for _ in range(2)]
+    model = env["flux_base"]
+    branch = ReferenceBranch(dit=model.model.diffusion_model, latents=latents, ref_subject=[0, 1],
+                             options=ReferenceOptions(attention="joint", region=region),
+                             region_masks=lambda h, w: layout().masks(h, w))
+    if spy is None:
+        return env["reference"].install_branch(model, branch)
+    return env["reference"].install_branch(model, branch, attention=spy(plain))
+
+
 MODELS = {"sdxl joint": lambda env: apply_sdxl(env, "joint"), "sdxl separate": lambda env: apply_sdxl(env, "separate"),
-          "flux dynaip": apply_flux}
+          "flux dynaip": apply_flux, "reference branch": apply_reference}
 
 
 def run(model) -> torch.Tensor:
@@ -93,7 +110,7 @@ def expected_masks(name: str, h: int, w: int) -> torch.Tensor:
     a softmax over the subject's own tokens (mass 1) times its coverage M_i."""
     from comfyui_troupe.models.flux.injection import token_masks
 
-    if name == "flux dynaip":
+    if name == "flux dynaip" or name == "reference branch":
         return token_masks(layout(), h * 2, w * 2).reshape(-1, h, w)
     if name == "sdxl separate":
         return layout().masks(h, w, edge="coverage")
@@ -131,7 +148,11 @@ def test_maps_sum_to_the_subject_mass_and_stay_in_confined_regions(env, name):
     assert means
     for (h, w), got in means.items():
         masks = expected_masks(name, h, w)
-        if name == "sdxl joint":
+        if name == "reference branch":  # Eq. 6 of 002: an image token outside region i sees none of i's tokens
+            masks = (masks >= 0.5).float()
+            covered = got.sum(0)[masks.bool().any(0)]
+            assert (covered > 0).all() and (covered < 1).all()  # text and image keys take the rest
+        elif name == "sdxl joint":
             covered = (masks > 0.5).any(0).float()
             torch.testing.assert_close(got.sum(0), covered, atol=1e-5, rtol=0)
             assert got[:, covered == 0].abs().max() == 0  # the background attends to nothing
@@ -174,6 +195,34 @@ def test_joint_maps_equal_ms_diffusions_biased_softmax_at_one_layer(env):
     expected = expected * region.any(0)  # the background's output is zeroed: it attends to no subject
     torch.testing.assert_close(got, expected.reshape(2, h, w), atol=1e-5, rtol=0)
     assert (got.sum(0) - region.any(0).float().reshape(h, w)).abs().max() < 1e-5
+
+
+def test_reference_maps_sum_to_the_reference_mass_of_its_joint_attention(env):
+    """Reference branch through a run: at each block the summed map equals the mass the image rows give to all
+    reference tokens in the block's joint attention over [text | image | references], computed here from the
+    attention call's own q, k and mask with a full softmax (mean over the recorded calls)."""
+    seen = []
+
+    def spy(plain):
+        def attention(q, k, v, pe=None, mask=None, **kwargs):
+            n_ref = 2 * 16
+            if k.shape[2] > q.shape[2] - n_ref and q.shape[2] >= 16 + 60:  # the call with every key (first)
+                logits = torch.einsum("bhpd,bhtd->bhpt", q.float(), k.float()) / q.shape[-1] ** 0.5
+                if mask is not None:
+                    logits = logits + mask[:, None].float()
+                probs = torch.softmax(logits, -1).mean(1)  # [B, rows, keys]
+                n_base = k.shape[2] - n_ref
+                seen.append(probs[0, 16:16 + 60, n_base:].sum(-1))  # cond row 0, image tokens, reference keys
+            return plain(q, k, v, pe=pe, mask=mask, **kwargs)
+        return attention
+
+    model = apply_reference(env, spy=spy)
+    recorded, recording = env["maps"].record_attention(model, "all", 0.0, 1.0)
+    pos = tm.flux_conditioning(0, tokens=16)
+    sample(recorded, pos, pos, torch.zeros(1, 16, 12, 20), steps=STEPS, cfg=1.0)
+    got = grid_means(recording)[(6, 10)].sum(0).flatten()
+    assert len(seen) == sum(recording.last.counts.values()) > 0
+    torch.testing.assert_close(got, torch.stack(seen).mean(0), atol=1e-5, rtol=0)
 
 
 # --------------------------------------------------------------------------- blocks, steps, render, errors

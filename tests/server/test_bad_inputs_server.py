@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import pickle
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -24,140 +23,16 @@ import numpy as np
 import pytest
 import requests
 from comfy_server import PromptError
-from fixtures.flux_adapters import troupe_flux_state_dict
-from fixtures.sdxl_adapters import ms_diffusion_state_dict, write_adapter
+from fixtures.troupe_graphs import GRAPHS, SIZE, TWO_BOXES, prepare, tensor
 from PIL import Image
 
-SIZE = 64
 QUEUE, RUN = "queue", "run"
-MARKER_NAME = "troupe_bad_input_marker"
 NAN, INF = float("nan"), float("inf")
-TWO_BOXES = {"version": 1, "boxes": [{"x0": 0.0, "y0": 0.0, "x1": 0.5, "y1": 1.0, "label": "dog"},
-                                     {"x0": 0.5, "y0": 0.0, "x1": 1.0, "y1": 1.0, "label": "cat"}]}
-
-
-class CodeRunner:
-    """A pickle that creates a marker file when unpickled (``open(path, "w")``): the loaders must never run it."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
 
 
 @pytest.fixture(scope="module")
 def server(comfy_server):
     return prepare(comfy_server)
-
-
-def prepare(comfy_server):
-    """The adapter files and the bad files in models/troupe; ``marker``: where a pickle's code would write."""
-    troupe = comfy_server.models_dir / "troupe"
-    write_adapter(troupe / "bad_ms.bin", ms_diffusion_state_dict(3, phrase_dim=32), nested_bin=True)
-    write_adapter(troupe / "bad_ms_width32.safetensors", ms_diffusion_state_dict(7, phrase_dim=32, image_width=32))
-    write_adapter(troupe / "bad_flux.safetensors", troupe_flux_state_dict(encoder_dim=64))
-    write_adapter(troupe / "bad_flux_w48.safetensors", troupe_flux_state_dict(encoder_dim=48))
-    whole = (troupe / "bad_flux.safetensors").read_bytes()
-    (troupe / "bad_truncated.safetensors").write_bytes(whole[: len(whole) // 3])
-    (troupe / "bad_text.bin").write_bytes(b"these are not tensors\n")
-    (troupe / "bad_json.safetensors").write_bytes(b'{"not": "a safetensors header"}')
-    marker = comfy_server.models_dir.parent / MARKER_NAME
-    marker.unlink(missing_ok=True)
-    (troupe / "bad_pickle.bin").write_bytes(pickle.dumps({"image_proj": CodeRunner(str(marker))}))
-    (troupe / "bad_pickle.pt").write_bytes(pickle.dumps(CodeRunner(str(marker))))
-    comfy_server.marker = marker
-    return comfy_server
-
-
-# --------------------------------------------------------------------------- the three valid graphs
-
-
-def tensor(seed: int, width: int = SIZE, height: int = SIZE, channels: int = 3, batch: int = 1,
-           fill: str = "noise") -> dict:
-    return {"class_type": "TroupeTestTensor", "inputs": {"width": width, "height": height, "channels": channels,
-                                                         "batch": batch, "fill": fill, "seed": seed}}
-
-
-def subjects_part(labels=("dog", "cat")) -> dict:
-    p = {}
-    for i, label in enumerate(labels):
-        p[f"img{i}"] = tensor(i + 1)
-        p[f"s{i}"] = {"class_type": "TroupeSubject", "inputs": {"image": [f"img{i}", 0], "label": label,
-                                                                "weight": 1.0}}
-    p["list"] = {"class_type": "TroupeSubjectList",
-                 "inputs": {f"subject_{i + 1}": [f"s{i}", 0] for i in range(len(labels))}}
-    p["lay"] = {"class_type": "TroupeLayout", "inputs": {"width": SIZE, "height": SIZE,
-                                                         "boxes": json.dumps(TWO_BOXES), "subjects": ["list", 0]}}
-    return p
-
-
-def sampled(p: dict, model: list, kind: str, seed: int, cfg: float) -> dict:
-    latent = ("EmptyLatentImage" if kind == "sdxl" else "EmptySD3LatentImage")
-    cond = {"kind": kind, "batch": 1, "width": SIZE, "height": SIZE, "tokens": 77 if kind == "sdxl" else 32,
-            "guidance": 3.5}
-    p.update({
-        "pos": {"class_type": "TroupeTestConditioning", "inputs": dict(cond, seed=1)},
-        "neg": {"class_type": "TroupeTestConditioning", "inputs": dict(cond, seed=2)},
-        "lat": {"class_type": latent, "inputs": {"width": SIZE, "height": SIZE, "batch_size": 1}},
-        "ks": {"class_type": "KSampler", "inputs": {"model": model, "positive": ["pos", 0], "negative": ["neg", 0],
-                                                    "latent_image": ["lat", 0], "seed": seed, "steps": 1, "cfg": cfg,
-                                                    "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
-        "vae": {"class_type": "TroupeTestTinyVAE", "inputs": {"kind": kind, "seed": 0}},
-        "dec": {"class_type": "VAEDecode", "inputs": {"samples": ["ks", 0], "vae": ["vae", 0]}},
-        "out": {"class_type": "SaveImage", "inputs": {"images": ["dec", 0], "filename_prefix": f"bad_{kind}"}},
-    })
-    return p
-
-
-def sdxl_graph(seed: int = 0) -> dict:
-    p = subjects_part()
-    p.update({
-        "cv": {"class_type": "TroupeTestTinyCLIPVision", "inputs": {"layers": 24, "seed": 0}},
-        "enc": {"class_type": "TroupeEncodeSubjects", "inputs": {"clip_vision": ["cv", 0], "subjects": ["list", 0],
-                                                                 "layers": "10,17,23"}},
-        "clip": {"class_type": "TroupeTestTinySDXLCLIP", "inputs": {"width_l": 32, "width_g": 32, "seed": 0}},
-        "ad": {"class_type": "TroupeLoadAdapter", "inputs": {"adapter_name": "bad_ms.bin"}},
-        "model": {"class_type": "TroupeTestTinySDXL", "inputs": {"seed": 0}},
-        "apply": {"class_type": "TroupeApplySDXL", "inputs": {
-            "model": ["model", 0], "adapter": ["ad", 0], "features": ["enc", 0], "layout": ["lay", 0],
-            "weight": 0.8, "start_percent": 0.0, "end_percent": 1.0, "blocks": "all", "routing": "learned",
-            "schedule": "", "refine": True, "clip": ["clip", 0], "subjects": ["list", 0]}},
-    })
-    return sampled(p, ["apply", 0], "sdxl", seed, 2.0)
-
-
-def flux_graph(seed: int = 0) -> dict:
-    p = subjects_part()
-    p.update({
-        "cv": {"class_type": "TroupeTestTinyCLIPVision", "inputs": {"layers": 24, "seed": 0}},
-        "enc": {"class_type": "TroupeEncodeSubjects", "inputs": {"clip_vision": ["cv", 0], "subjects": ["list", 0],
-                                                                 "layers": "10,17,23"}},
-        "ad": {"class_type": "TroupeLoadAdapter", "inputs": {"adapter_name": "bad_flux.safetensors"}},
-        "model": {"class_type": "TroupeTestTinyFLUX", "inputs": {"schnell": False, "seed": 0}},
-        "apply": {"class_type": "TroupeApplyFLUX", "inputs": {
-            "model": ["model", 0], "adapter": ["ad", 0], "features": ["enc", 0], "weight": 1.0,
-            "start_percent": 0.0, "end_percent": 1.0, "branches": "image branch only", "subjects": ["list", 0],
-            "layout": ["lay", 0]}},
-    })
-    return sampled(p, ["apply", 0], "flux", seed, 1.0)
-
-
-def ref_graph(seed: int = 0) -> dict:
-    p = subjects_part()
-    p.update({
-        "model": {"class_type": "TroupeTestTinyFLUX", "inputs": {"schnell": False, "seed": 0}},
-        "rvae": {"class_type": "TroupeTestTinyVAE", "inputs": {"kind": "flux", "seed": 0}},
-        "branch": {"class_type": "TroupeReferenceBranch", "inputs": {
-            "model": ["model", 0], "vae": ["rvae", 0], "subjects": ["list", 0], "prompt": "a dog and a cat",
-            "reference_size": 64, "reference_timestep": 0.0, "reference_guidance": 1.0,
-            "reference_attention": "joint", "selective_text": True, "region": True, "lora_name": "none",
-            "lora_strength": 1.0, "dem_name": "none", "layout": ["lay", 0]}},
-    })
-    return sampled(p, ["branch", 0], "flux", seed, 1.0)
-
-
-GRAPHS: dict[str, Callable[[int], dict]] = {"sdxl": sdxl_graph, "flux": flux_graph, "ref": ref_graph}
 
 
 # --------------------------------------------------------------------------- mutations
@@ -469,7 +344,7 @@ def test_legitimate_extremes_run(server, name: str, graph: str):
 
 def test_a_layout_drawn_for_another_aspect_warns_in_the_log(server):
     """An SDXL-shaped square layout sampled on a wide FLUX latent runs, and the log says the boxes stretch."""
-    p = flux_graph(0)
+    p = GRAPHS["flux"](0)
     p["lat"]["inputs"].update(width=128, height=64)
     before = len(server.log())
     server.run(p)

@@ -58,7 +58,9 @@ class TroupeTestHeld(io.ComfyNode):
         gc.collect()
         counts: dict[str, int] = {}
         for obj in gc.get_objects():
-            module = type(obj).__module__ or ""
+            module = getattr(type(obj), "__module__", None)
+            if not isinstance(module, str):  # some extension types carry a descriptor there
+                continue
             if "Troupe" in module and "troupe_test_nodes" not in module and (".models." in module or ".nodes." in module):
                 name = f"{module}.{type(obj).__qualname__}"
                 counts[name] = counts.get(name, 0) + 1

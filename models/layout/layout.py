@@ -346,7 +346,7 @@ def default_boxes(count: int, width: int, height: int, grid: int = 8) -> list[Bo
     """The auto layout of an empty editor: ``count`` equal columns over the middle half of the canvas (rows 1/4 to
     3/4), edges on the ``grid``-pixel latent grid; the editor draws the same boxes dashed."""
     def snap(v: float, size: int) -> float:
-        return round(v * size / grid) * grid / size
+        return math.floor(v * size / grid + 0.5) * grid / size  # half up, as the editor's Math.round
 
     y0, y1 = snap(0.25, height), snap(0.75, height)
     return [(snap(i / count, width), y0, snap((i + 1) / count, width), y1) for i in range(count)]

@@ -15,8 +15,28 @@ const CANVAS_MIN_PX = 160;
 const PAD_PX = 6;
 const HANDLE_PX = 7;
 const CURSORS = {
-  nw: "nwse-resize", se: "nwse-resize", ne: "nesw-resize", sw: "nesw-resize", body: "move", none: "crosshair",
+  nw: "nwse-resize", se: "nwse-resize", ne: "nesw-resize", sw: "nesw-resize", n: "ns-resize", s: "ns-resize",
+  e: "ew-resize", w: "ew-resize", body: "move", none: "crosshair",
 };
+const ERROR_RED = "#ff6b6b";
+
+/** The labels of the subjects connected to the node (TroupeSubjectList slots in order, empty slots skipped). */
+function subjectLabels(node) {
+  const linkOf = (id) => (id == null ? null : app.graph?.getLink?.(id) ?? app.graph?.links?.[id] ?? null);
+  const upstream = (n, name) => {
+    const link = linkOf(n?.inputs?.find((i) => i.name === name)?.link);
+    return link ? app.graph.getNodeById(link.origin_id) : null;
+  };
+  const list = upstream(node, "subjects");
+  if (!list) return [];
+  const labels = [];
+  for (const input of list.inputs || []) {
+    if (!/^subject_\d+$/.test(input.name)) continue;
+    const subject = upstream(list, input.name);
+    if (subject) labels.push(String(findWidget(subject, "label")?.value ?? ""));
+  }
+  return labels;
+}
 
 const findWidget = (node, name) => node.widgets?.find((w) => w.name === name);
 
@@ -48,6 +68,13 @@ function button(label, title, onClick) {
   return b;
 }
 
+/** Disabled buttons look disabled (the theme's button style does not dim them). */
+function setEnabled(b, enabled) {
+  b.disabled = !enabled;
+  b.style.opacity = enabled ? "1" : "0.35";
+  b.style.cursor = enabled ? "pointer" : "default";
+}
+
 class LayoutEditor {
   constructor(node) {
     this.node = node;
@@ -58,6 +85,9 @@ class LayoutEditor {
     this.lastValue = null;
     this.drawnKey = "";
     this.view = { s: 1, ox: 0, oy: 0 };
+    this.error = null;  // why the stored value is invalid (shown on the canvas), or null
+    this.message = "";  // a short notice (e.g. a refused 9th box), cleared by the next edit
+    this.labels = [];  // the connected subjects' labels
     if (this.valueWidget) hideWidget(this.valueWidget);
     this.buildDom();
     this.widget = node.addDOMWidget("layout_editor", "troupe_layout_editor", this.root, {
@@ -90,18 +120,32 @@ class LayoutEditor {
       earlier: button("Earlier", "Move the selected box one place earlier: box i is subject i ([ key)",
         () => this.reorder(-1)),
       later: button("Later", "Move the selected box one place later (] key)", () => this.reorder(1)),
-      clear: button("Clear", "Delete all boxes", () => { this.selected = -1; this.commit([]); }),
+      clear: button("Clear", "Delete all boxes (also resets an invalid stored value)",
+        () => { this.selected = -1; this.commit([]); }),
     };
+    this.presets = document.createElement("select");
+    this.presets.title = "Set width and height to a common SDXL or FLUX size";
+    this.presets.style.cssText = "font-size:11px;max-width:72px;background:var(--comfy-input-bg,#222);" +
+      "color:var(--input-text,#ddd);border:1px solid var(--border-color,#555);border-radius:4px";
+    this.presets.append(new Option("size…", ""));
+    for (const [label, w, h] of G.SIZE_PRESETS) this.presets.append(new Option(label, `${w}x${h}`));
+    this.presets.addEventListener("change", () => {
+      const [w, h] = this.presets.value.split("x").map(Number);
+      this.presets.value = "";
+      if (w && h) this.setSize(w, h);
+    });
+    this.presets.addEventListener("pointerdown", (e) => e.stopPropagation());
     this.info = document.createElement("span");
     // flex-basis 0 and width 0: the text never widens the node (the Vue renderer sizes nodes by content)
     this.info.style.cssText = "flex:1 1 0;width:0;font-size:11px;opacity:0.7;text-align:right;white-space:nowrap;" +
       "overflow:hidden;text-overflow:ellipsis";
-    bar.append(...Object.values(this.buttons), this.info);
+    bar.append(...Object.values(this.buttons), this.presets, this.info);
     this.canvas = document.createElement("canvas");
     this.canvas.tabIndex = 0;
     this.canvas.dataset.troupe = "layout-editor";
     this.canvas.style.cssText =
       "display:block;width:100%;min-height:0;outline:none;touch-action:none;cursor:crosshair";
+    this.root.style.position = "relative";
     this.root.append(bar, this.canvas);
     const c = this.canvas;
     c.addEventListener("pointerdown", (e) => this.onPointerDown(e));
@@ -110,6 +154,7 @@ class LayoutEditor {
     c.addEventListener("pointercancel", (e) => this.onPointerUp(e));
     c.addEventListener("contextmenu", (e) => { e.preventDefault(); e.stopPropagation(); });
     c.addEventListener("keydown", (e) => this.onKeyDown(e));
+    c.addEventListener("dblclick", (e) => { e.stopPropagation(); this.editLabel(this.hit(this.toImage(e)).index); });
     c.addEventListener("wheel", (e) => { e.preventDefault(); app.canvas?.processMouseWheel?.(e); });
   }
 
@@ -124,7 +169,9 @@ class LayoutEditor {
   /** Re-read the JSON value (after loading a workflow, undo, or any outside change). */
   reload() {
     this.lastValue = String(this.valueWidget?.value ?? "");
-    this.boxes = G.parseLayout(this.lastValue);
+    const { boxes, error } = G.readLayout(this.lastValue);
+    this.boxes = boxes;
+    this.error = error;
     if (this.selected >= this.boxes.length) this.selected = -1;
     this.redraw();
   }
@@ -133,6 +180,11 @@ class LayoutEditor {
   sync() {
     if (this.drag) return;
     if (String(this.valueWidget?.value ?? "") !== this.lastValue) return this.reload();
+    const labels = subjectLabels(this.node);
+    if (labels.join("\u0000") !== this.labels.join("\u0000") || labels.length !== this.labels.length) {
+      this.labels = labels;
+      return this.redraw();
+    }
     const key = [this.canvas.clientWidth, this.canvas.clientHeight, ...this.size()].join();
     if (key !== this.drawnKey) this.redraw();
   }
@@ -140,6 +192,8 @@ class LayoutEditor {
   /** Write boxes back into the `boxes` widget: the value the workflow and the prompt carry. */
   commit(boxes) {
     this.boxes = boxes;
+    this.error = null;
+    this.message = "";
     if (this.selected >= boxes.length) this.selected = -1;
     const json = G.serialiseLayout(boxes);
     const w = this.valueWidget;
@@ -158,6 +212,60 @@ class LayoutEditor {
     if (index < 0 || index >= this.boxes.length) return;
     this.selected = -1;
     this.commit(G.deleteBox(this.boxes, index));
+  }
+
+  setSize(w, h) {
+    for (const [name, v] of [["width", w], ["height", h]]) {
+      const widget = findWidget(this.node, name);
+      if (!widget) continue;
+      widget.value = v;
+      widget.callback?.(v);
+    }
+    app.graph?.setDirtyCanvas(true, true);
+    this.redraw();
+  }
+
+  nudge(dx, dy) {
+    if (this.selected < 0 || this.error) return;
+    const [W, H] = this.size();
+    this.commit(G.nudgeBox(this.boxes, this.selected, dx, dy, W, H));
+  }
+
+  /** Type a box's label in place: an input over the box; Enter or leaving it saves, Escape cancels. */
+  editLabel(index) {
+    if (index < 0 || index >= this.boxes.length || this.error) return;
+    this.selected = index;
+    this.redraw();
+    const [W, H] = this.size();
+    const px = G.toPixels(this.boxes[index], W, H);
+    const { s, ox, oy } = this.view;
+    const input = document.createElement("input");
+    input.type = "text";
+    input.value = this.boxes[index].label || this.labels[index] || "";
+    input.dataset.troupe = "label-input";
+    input.style.cssText = `position:absolute;left:${this.canvas.offsetLeft + ox + px.x0 * s}px;` +
+      `top:${this.canvas.offsetTop + oy + px.y0 * s}px;width:${Math.max(60, (px.x1 - px.x0) * s)}px;` +
+      "font:bold 12px sans-serif;z-index:10;box-sizing:border-box";
+    let done = false;
+    const finish = (save) => {
+      if (done) return;
+      done = true;
+      input.remove();
+      if (!save) return this.redraw();
+      const boxes = this.boxes.slice();
+      boxes[index] = { ...boxes[index], label: input.value.trim() };
+      this.commit(boxes);
+    };
+    input.addEventListener("keydown", (e) => {
+      e.stopPropagation();
+      if (e.key === "Enter") finish(true);
+      else if (e.key === "Escape") finish(false);
+    });
+    input.addEventListener("blur", () => finish(true));
+    input.addEventListener("pointerdown", (e) => e.stopPropagation());
+    this.root.append(input);
+    input.focus();
+    input.select();
   }
 
   reorder(delta) {
@@ -197,6 +305,13 @@ class LayoutEditor {
     return { x: r.left + (ox + x * s) * zoom, y: r.top + (oy + y * s) * zoom };
   }
 
+  /** Boxes as drawn: the stored ones, or the dashed auto layout when none are drawn and subjects are connected. */
+  autoBoxes() {
+    if (this.boxes.length || this.error || !this.labels.length) return [];
+    const [W, H] = this.size();
+    return G.defaultBoxes(Math.min(this.labels.length, G.MAX_BOXES), W, H);
+  }
+
   hit(p) {
     const [W, H] = this.size();
     const pixels = this.boxes.map((b) => G.toPixels(b, W, H));
@@ -209,13 +324,18 @@ class LayoutEditor {
     if (e.button === 1) return app.canvas?.processMouseDown?.(e);  // middle button pans the graph
     e.stopPropagation();  // no preventDefault: the compatibility mouseup lets the undo tracker see the edit
     this.canvas.focus({ preventScroll: true });
+    if (this.error) return;  // an invalid stored value is shown, not edited: Clear resets it
     const p = this.toImage(e);
     const hit = this.hit(p);
     if (e.button === 2) return hit.index >= 0 && this.remove(hit.index);
     if (e.button !== 0) return;
     const [W, H] = this.size();
     this.selected = hit.index;
+    this.message = "";
     this.drag = G.startDrag(this.boxes, hit, p.x, p.y, W, H);
+    if (!this.drag && hit.index < 0) {
+      this.message = `at most ${G.MAX_BOXES} boxes (one per subject): delete one to draw another`;
+    }
     if (this.drag) this.canvas.setPointerCapture(e.pointerId);
     this.redraw();
   }
@@ -224,7 +344,7 @@ class LayoutEditor {
     if (e.buttons & 4) return app.canvas?.processMouseMove?.(e);
     e.stopPropagation();
     if (this.drag) return this.dragTo(e);
-    this.canvas.style.cursor = CURSORS[this.hit(this.toImage(e)).part];
+    this.canvas.style.cursor = this.error ? "default" : CURSORS[this.hit(this.toImage(e)).part];
   }
 
   dragTo(e) {
@@ -248,7 +368,12 @@ class LayoutEditor {
   }
 
   onKeyDown(e) {
+    const step = G.GRID * (e.shiftKey ? 8 : 1);
     const actions = {
+      ArrowLeft: () => this.nudge(-step, 0),
+      ArrowRight: () => this.nudge(step, 0),
+      ArrowUp: () => this.nudge(0, -step),
+      ArrowDown: () => this.nudge(0, step),
       Delete: () => this.remove(this.selected),
       Backspace: () => this.remove(this.selected),
       "[": () => this.reorder(-1),
@@ -296,7 +421,31 @@ class LayoutEditor {
     ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
     ctx.clearRect(0, 0, cw, ch);
     this.drawCanvas(ctx, W, H);
+    if (this.error) return this.drawError(ctx, W, H);
+    this.autoBoxes().forEach((b, i) => this.drawBox(ctx, G.toPixels(b, W, H), i, true));
     this.boxes.forEach((b, i) => this.drawBox(ctx, G.toPixels(b, W, H), i));
+  }
+
+  /** The reason a stored value is invalid, in red on the canvas; nothing is drawn clamped. */
+  drawError(ctx, W, H) {
+    const { s, ox, oy } = this.view;
+    ctx.fillStyle = ERROR_RED;
+    ctx.font = "bold 12px sans-serif";
+    ctx.textAlign = "center";
+    const words = `stored layout is invalid: ${this.error}`.split(" ");
+    const lines = [];
+    let line = "";
+    for (const word of words) {
+      const next = line ? `${line} ${word}` : word;
+      if (ctx.measureText(next).width > W * s - 24 && line) { lines.push(line); line = word; } else line = next;
+    }
+    lines.push(line);
+    const top = oy + (H * s) / 2 - (lines.length * 16) / 2;
+    lines.slice(0, 8).forEach((l, i) => ctx.fillText(l, ox + (W * s) / 2, top + i * 16 + 12));
+    ctx.fillStyle = "rgba(255,255,255,0.5)";
+    ctx.font = "11px sans-serif";
+    ctx.fillText("press Clear to start again", ox + (W * s) / 2, top + Math.min(lines.length, 8) * 16 + 26);
+    ctx.textAlign = "left";
   }
 
   drawCanvas(ctx, W, H) {
@@ -321,20 +470,23 @@ class LayoutEditor {
     ctx.stroke();
     ctx.strokeStyle = "rgba(255,255,255,0.35)";
     ctx.strokeRect(ox + 0.5, oy + 0.5, W * s - 1, H * s - 1);
-    if (!this.boxes.length) {
+    if (!this.boxes.length && !this.error) {
       ctx.fillStyle = "rgba(255,255,255,0.45)";
       ctx.font = "12px sans-serif";
       ctx.textAlign = "center";
-      ctx.fillText("drag to draw one box per subject", ox + (W * s) / 2, oy + (H * s) / 2);
+      const auto = this.labels.length > 0;
+      ctx.fillText(auto ? "auto layout: draw to override" : "drag to draw one box per subject",
+        ox + (W * s) / 2, auto ? oy + 16 : oy + (H * s) / 2);
       ctx.textAlign = "left";
     }
   }
 
-  drawBox(ctx, px, i) {
+  drawBox(ctx, px, i, auto = false) {
     const { s, ox, oy } = this.view;
     const x = ox + px.x0 * s, y = oy + px.y0 * s, w = (px.x1 - px.x0) * s, h = (px.y1 - px.y0) * s;
     const colour = G.colourOf(i);
-    const selected = i === this.selected;
+    const selected = !auto && i === this.selected;
+    if (auto) ctx.setLineDash([6, 4]);
     ctx.globalAlpha = selected ? 0.3 : 0.18;
     ctx.fillStyle = colour;
     ctx.fillRect(x, y, w, h);
@@ -342,6 +494,7 @@ class LayoutEditor {
     ctx.strokeStyle = colour;
     ctx.lineWidth = selected ? 3 : 2;
     ctx.strokeRect(x + ctx.lineWidth / 2, y + ctx.lineWidth / 2, w - ctx.lineWidth, h - ctx.lineWidth);
+    if (auto) ctx.setLineDash([]);
     if (selected) {
       ctx.setLineDash([4, 3]);
       ctx.strokeStyle = "#ffffff";
@@ -351,7 +504,8 @@ class LayoutEditor {
       ctx.fillStyle = "#ffffff";
       for (const [hx, hy] of [[x, y], [x + w, y], [x, y + h], [x + w, y + h]]) ctx.fillRect(hx - 4, hy - 4, 8, 8);
     }
-    const text = `${i + 1}${px.label ? " " + px.label : ""}`;
+    const label = this.labels[i] || px.label;  // connected subjects name their boxes, as in the node's output
+    const text = `${i + 1}${label ? " " + label : ""}`;
     ctx.font = "bold 12px sans-serif";
     const tw = Math.min(ctx.measureText(text).width + 8, Math.max(w, 16));
     ctx.fillStyle = colour;
@@ -364,11 +518,22 @@ class LayoutEditor {
 
   updateToolbar(W, H) {
     const none = this.selected < 0;
-    this.buttons.delete.disabled = none;
-    this.buttons.earlier.disabled = none || this.selected === 0;
-    this.buttons.later.disabled = none || this.selected === this.boxes.length - 1;
-    this.buttons.clear.disabled = !this.boxes.length;
+    setEnabled(this.buttons.delete, !none);
+    setEnabled(this.buttons.earlier, !none && this.selected !== 0);
+    setEnabled(this.buttons.later, !none && this.selected !== this.boxes.length - 1);
+    setEnabled(this.buttons.clear, this.boxes.length > 0 || !!this.error);
     this.canvas.dataset.selected = String(this.selected);
+    this.canvas.dataset.error = this.error || "";
+    this.canvas.dataset.auto = String(this.autoBoxes().length);
+    if (this.error || this.message) {
+      this.info.textContent = this.error ? "stored layout is invalid" : this.message;
+      this.info.title = this.info.textContent;
+      this.info.style.color = ERROR_RED;
+      this.info.style.opacity = "1";
+      return;
+    }
+    this.info.style.color = "";
+    this.info.style.opacity = "0.7";
     let text = `${this.boxes.length}/${G.MAX_BOXES} · ${W}×${H}`;
     if (!none && this.boxes[this.selected]) {
       const b = G.toPixels(this.boxes[this.selected], W, H);

@@ -112,7 +112,8 @@ def test_unknown_branches_value_is_refused_at_queue_time(comfy_server, files):
         del prompt[node]
     r = requests.post(f"{comfy_server.url}/prompt", json={"prompt": prompt, "client_id": "flux-validate"}, timeout=60)
     errors = json.dumps(r.json().get("node_errors", {}))
-    assert "TroupeApplyFLUX: input 'branches': expected one of image branch only, both branches" in errors
+    assert ("TroupeApplyFLUX: input 'branches': expected one of as trained, image branch only, both branches, "
+            "whole stream in single blocks (InstantX)") in errors
     if r.status_code == 200:  # the adapter loader ran on its own: let it finish before the next test
         comfy_server.wait(r.json()["prompt_id"])
 

@@ -99,7 +99,7 @@ def test_node_schema(comfy_server):
     info = comfy_server.object_info()["TroupeApplySDXL"]
     assert info["output"] == ["MODEL"] and info["category"] == "Troupe/apply"
     req, opt = info["input"]["required"], info["input"]["optional"]
-    assert req["blocks"][1]["default"] == "down+mid" and "all" in req["blocks"][1]["options"]
+    assert req["blocks"][1]["default"] == "all" and "down+mid" in req["blocks"][1]["options"]  # as trained
     assert req["routing"][1]["options"] == ["learned", "static", "manual"]
     assert opt["clip"][0] == "CLIP" and opt["subjects"][0] == "TROUPE_SUBJECTS"
 

@@ -126,7 +126,12 @@ def encode_subjects(clip_vision, subjects, layers: str = "auto", fusion: HMoE | 
         crops = crops_to_encode(crop, encoder_kind(depth, width, size, siglip))
     except ValueError as e:
         raise node_error("TroupeEncodeSubjects", "crop", str(e)) from None
-    batch = torch.cat([subject_batch(images, masks, size, c) for c in crops])
+    progress = comfy.utils.ProgressBar(n + 1)  # one step per subject's crops, one for the batched forward
+    per_subject = []
+    for i in range(n):
+        per_subject.append([subject_batch(images[i:i + 1], masks[i:i + 1], size, c) for c in crops])
+        progress.update(1)
+    batch = torch.cat([per_subject[i][k] for k in range(len(crops)) for i in range(n)])  # crop-major
     comfy.model_management.load_model_gpu(clip_vision.patcher)
     device = clip_vision.load_device
     pixels = comfy.clip_vision.clip_preprocess(batch.to(device), size=size, mean=clip_vision.image_mean,
@@ -139,6 +144,7 @@ def encode_subjects(clip_vision, subjects, layers: str = "auto", fusion: HMoE | 
         embeds = out[2] if isinstance(out, (tuple, list)) and len(out) > 2 and torch.is_tensor(out[2]) else None
         embeds = None if embeds is None else embeds.float().clone()
         pooled, summary, source = pooled_outputs(clip_vision, hidden, out, head, siglip)
+    progress.update(1)
     dev = comfy.model_management.intermediate_device()
     rows = len(crops) * n
 

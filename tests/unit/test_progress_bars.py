@@ -42,3 +42,14 @@ def test_dino_encoding_reports_its_forward(progress):
     subjects = (Subject(image=torch.rand(1, 32, 32, 3), label="dog"),)
     dino.encode_subjects_dino(subjects, clip_vision=tiny_dinov2(layers=1))
     assert progress == [(1, 1)]
+
+
+def test_reference_encoding_counts_each_subject_then_the_batched_forward(progress):
+    from fixtures.tiny_models import tiny_clip_vision
+
+    from comfyui_troupe.nodes import encoding
+
+    subjects = tuple(Subject(image=torch.rand(1, 40, 30 + 10 * i, 3), label=f"s{i}") for i in range(3))
+    features = encoding.encode_subjects(tiny_clip_vision(), subjects)
+    assert features.hidden.shape[0] == 3
+    assert progress == [(1, 4), (2, 4), (3, 4), (4, 4)]

@@ -183,7 +183,10 @@ RSS_GROWTH_BOUND = 256 * 2**20  # bytes between prompt 10 and prompt 30 of the s
 
 
 def held(server, nonce: int) -> dict:
-    entry = server.run({"held": {"class_type": "TroupeTestHeld", "inputs": {"nonce": nonce}}})
+    """The pack's live objects and the RSS, with one TroupeLayout output kept alive (the count must see it)."""
+    p = subjects_part()
+    p["held"] = {"class_type": "TroupeTestHeld", "inputs": {"nonce": nonce, "value": ["lay", 0]}}
+    entry = server.run(p)
     return json.loads(entry["outputs"]["held"]["text"][0])
 
 
@@ -208,6 +211,7 @@ def test_a_long_session_holds_no_growing_state(server):
         if i + 1 in (10, 30):
             snapshots[i + 1] = held(server, i)
     early, late = snapshots[10], snapshots[30]
+    assert any(k.endswith(".Layout") for k in early["objects"]), early  # the count sees the pack's objects
     grown = {k: (early["objects"].get(k, 0), v) for k, v in late["objects"].items() if v > early["objects"].get(k, 0)}
     assert not grown, f"pack objects grew between prompt 10 and 30: {grown}"
     assert late["rss"] - early["rss"] < RSS_GROWTH_BOUND, (early["rss"], late["rss"])

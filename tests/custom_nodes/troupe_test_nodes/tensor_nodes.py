@@ -45,13 +45,15 @@ class TroupeTestHeld(io.ComfyNode):
             node_id="TroupeTestHeld", display_name="Troupe Test Held Objects", category=CATEGORY,
             description="TEST ONLY. Output node: after a gc, the number of live objects whose class comes from the "
                         "Troupe pack (its models/ and nodes/ modules), per class, and the process' resident memory.",
-            inputs=[io.Int.Input("nonce", default=0, min=0, max=2**31 - 1, tooltip="Change it to run again.")],
+            inputs=[io.Int.Input("nonce", default=0, min=0, max=2**31 - 1, tooltip="Change it to run again."),
+                    io.AnyType.Input("value", optional=True,
+                                     tooltip="Anything to keep alive while counting (shows the count works).")],
             outputs=[io.String.Output(display_name="json")],
             is_output_node=True,
         )
 
     @classmethod
-    def execute(cls, nonce: int) -> io.NodeOutput:
+    def execute(cls, nonce: int, value=None) -> io.NodeOutput:
         import gc
         import json
 

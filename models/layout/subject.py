@@ -31,7 +31,7 @@ class Subject:
         img = self.image
         if not isinstance(img, torch.Tensor) or img.ndim != 4 or img.shape[-1] not in (3, 4):
             shape = tuple(img.shape) if isinstance(img, torch.Tensor) else type(img).__name__
-            raise SubjectError(f"image: expected an RGB IMAGE batch [B, H, W, 3] (RGBA is read as RGB), got {shape}; "
+            raise SubjectError(f"image: expected an IMAGE batch [B, H, W, 3] (RGB; RGBA is read as RGB), got {shape}; "
                                "convert a grayscale or multi-channel image to RGB first")
         if img.numel() == 0 or not bool(torch.isfinite(img).all()):
             raise SubjectError("image: the reference holds NaN or infinite values (or no pixels); connect a decoded "

@@ -6,13 +6,11 @@ from comfy_api.latest import io, ui
 
 from ..evaluation.attention_maps import render_attention_maps
 from ..models.attention_record import BLOCK_CHOICES, Recording, RecordSettings
-from . import lifecycle
+from . import lifecycle, types
 from .errors import node_error
 
 CATEGORY = "Troupe/evaluation"
 NODE, RENDER = "TroupeAttentionMaps", "TroupeAttentionMapsRender"
-# The handle from TroupeAttentionMaps to TroupeAttentionMapsRender (models.attention_record.Recording).
-AttentionRecording = io.Custom("TROUPE_ATTENTION_RECORDING")
 
 
 def record_attention(model, blocks: str, start_percent: float, end_percent: float):
@@ -69,7 +67,7 @@ class TroupeAttentionMaps(io.ComfyNode):
                 io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Last step recorded, as a fraction of the schedule (1 = the last step)."),
             ],
-            outputs=[io.Model.Output(display_name="model"), AttentionRecording.Output(display_name="recording")],
+            outputs=[io.Model.Output(display_name="model"), types.AttentionRecording.Output(display_name="recording")],
         )
 
     @classmethod
@@ -90,7 +88,7 @@ class TroupeAttentionMapsRender(io.ComfyNode):
             inputs=[
                 io.Image.Input("image", tooltip="The image decoded from the sampler that used TroupeAttentionMaps' "
                                                 "model (it also makes this node run after that sampler)."),
-                AttentionRecording.Input("recording", tooltip="The recording output of TroupeAttentionMaps."),
+                types.AttentionRecording.Input("recording", tooltip="The recording output of TroupeAttentionMaps."),
             ],
             outputs=[io.Image.Output(display_name="maps")],
             is_output_node=True,

@@ -18,3 +18,5 @@ DinoFeatures = io.Custom("TROUPE_DINO_FEATURES")
 Adapter = io.Custom("TROUPE_ADAPTER")
 # Fidelity metrics' model: image tower (CLIP-I), optional text tower (CLIP-T) (evaluation.backbones.ImageTextModel).
 ImageText = io.Custom("TROUPE_IMAGE_TEXT")
+# TroupeAttentionMaps' handle: record settings and the latest finished run's recorder (models.attention_record.Recording).
+AttentionRecording = io.Custom("TROUPE_ATTENTION_RECORDING")

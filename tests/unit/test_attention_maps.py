@@ -135,6 +135,23 @@ def test_recording_changes_no_output_pixel(env, name):
     assert first.keys() == second.keys() and all(torch.allclose(first[g], second[g]) for g in first)
 
 
+def test_an_interrupted_run_publishes_nothing(env):
+    """ComfyUI's interrupt mid-run: the recording keeps the last finished run's recorder, untouched."""
+    import comfy.model_management
+
+    recorded, recording = env["maps"].record_attention(apply_sdxl(env, "separate"), "all", 0.0, 1.0)
+    run(recorded)
+    finished, calls = recording.last, dict(recording.last.counts)
+
+    def interrupt(step, *_):
+        raise comfy.model_management.InterruptProcessingException()
+
+    pos = tm.sdxl_conditioning(1, width=160, height=96)
+    with pytest.raises(comfy.model_management.InterruptProcessingException):
+        sample(recorded, pos, pos, torch.zeros(1, 4, 12, 20), steps=STEPS, callback=interrupt)
+    assert recording.last is finished and recording.last.counts == calls and recording.runs == 1
+
+
 # --------------------------------------------------------------------------- the maps are the attention mass
 
 

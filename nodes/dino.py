@@ -127,7 +127,8 @@ class TroupeEncodeDINO(io.ComfyNode):
                 io.Image.Input("image", optional=True,
                                tooltip="Optional whole reference image whose patch tokens are kept too."),
             ],
-            outputs=[types.DinoFeatures.Output(display_name="dino_features")],
+            outputs=[types.DinoFeatures.Output(display_name="dino_features",
+                                               tooltip="CLS, register and patch tokens of every subject (and the whole image).")],
             is_output_node=True,
         )
 

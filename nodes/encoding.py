@@ -221,7 +221,8 @@ class TroupeLoadFusion(io.ComfyNode):
                         "three experts and the router for one CLIP vision encoder width.",
             inputs=[io.Combo.Input("fusion_name", options=paths.list_files("troupe"),
                                    tooltip="A fusion .safetensors in ComfyUI/models/troupe (key layout in the README).")],
-            outputs=[types.Fusion.Output(display_name="fusion")],
+            outputs=[types.Fusion.Output(display_name="fusion",
+                                         tooltip="HMoE fusion weights: connect them to Troupe Encode Subjects.")],
         )
 
     @classmethod
@@ -262,7 +263,8 @@ class TroupeEncodeSubjects(io.ComfyNode):
                                        "cut; 'centre crop': short side to size, centre square; 'stretch': resized "
                                        "to a square."),
             ],
-            outputs=[types.ClipFeatures.Output(display_name="features")],
+            outputs=[types.ClipFeatures.Output(display_name="features",
+                                               tooltip="Every subject's hierarchical CLIP features (and the fused tokens), for the SDXL and FLUX adapters.")],
         )
 
     @classmethod
@@ -316,8 +318,10 @@ class TroupeGranularity(io.ComfyNode):
                 io.Int.Input("subject", default=0, min=0, max=8,
                              tooltip="0 = all subjects, or the subject number (1-8) to change."),
             ],
-            outputs=[types.ClipFeatures.Output(display_name="features"),
-                     io.String.Output(display_name="routed_weights")],
+            outputs=[types.ClipFeatures.Output(display_name="features",
+                                               tooltip="Every subject's hierarchical CLIP features (and the fused tokens), for the SDXL and FLUX adapters."),
+                     io.String.Output(display_name="routed_weights",
+                                      tooltip="The router's fusion weights per subject, as text.")],
         )
 
     @classmethod
@@ -351,7 +355,8 @@ class TroupeFusionWeightsPreview(io.ComfyNode):
             description="A bar chart of each subject's fusion weights [low, mid, high]: routed by HMoE, and the "
                         "override when TroupeGranularity changed them.",
             inputs=[types.ClipFeatures.Input("features", tooltip="Fused features (TroupeEncodeSubjects with fusion).")],
-            outputs=[io.Image.Output(display_name="chart")],
+            outputs=[io.Image.Output(display_name="chart",
+                                     tooltip="Bar chart of each subject's routed and used fusion weights.")],
             is_output_node=True,
         )
 

@@ -119,7 +119,9 @@ class TroupeFidelity(io.ComfyNode):
                              tooltip="Input size for dino_model folders (snapped to the patch size); ignored for "
                                      "dino_vision (518 px)."),
             ],
-            outputs=[io.Image.Output(display_name="heatmap"), io.String.Output(display_name="json")],
+            outputs=[io.Image.Output(display_name="heatmap",
+                                     tooltip="Per-subject similarity and leakage heat-maps."), io.String.Output(display_name="json",
+                                                                                                                tooltip="All scores as JSON (per subject, per backbone).")],
             is_output_node=True,
         )
 

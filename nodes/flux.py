@@ -147,7 +147,8 @@ class TroupeApplyFLUX(io.ComfyNode):
                                    tooltip="One region per subject (region i = subject i); without a layout every "
                                            "subject is injected over the whole image."),
             ],
-            outputs=[io.Model.Output(display_name="model")],
+            outputs=[io.Model.Output(display_name="model",
+                                     tooltip="A patched copy of the FLUX model: connect it to the sampler.")],
         )
 
     @classmethod

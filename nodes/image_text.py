@@ -94,7 +94,8 @@ class TroupeLoadOpenCLIP(io.ComfyNode):
                                 tooltip="Only for a single weights file: open_clip's built-in architecture name, "
                                         "e.g. ViT-B-32, ViT-L-14, ViT-H-14, ViT-bigG-14. Leave empty for a folder."),
             ],
-            outputs=[types.ImageText.Output(display_name="image_text")],
+            outputs=[types.ImageText.Output(display_name="image_text",
+                                            tooltip="An image-text model for Troupe Fidelity's CLIP-I and CLIP-T scores.")],
             is_output_node=True,
         )
 
@@ -213,7 +214,8 @@ class TroupeImageTextCLIP(io.ComfyNode):
                                       "for ViT-L/14, clip_g for ViT-bigG/14); enables CLIP-T. Leave empty for "
                                       "CLIP-I only."),
             ],
-            outputs=[types.ImageText.Output(display_name="image_text")],
+            outputs=[types.ImageText.Output(display_name="image_text",
+                                            tooltip="An image-text model for Troupe Fidelity's CLIP-I and CLIP-T scores.")],
             is_output_node=True,
         )
 

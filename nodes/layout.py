@@ -107,7 +107,8 @@ class TroupeLayoutFromMasks(io.ComfyNode):
                 io.Int.Input("height", default=0, min=0, max=8192, step=8,
                              tooltip="Canvas height in pixels; 0 uses the mask height."),
             ],
-            outputs=[types.Layout.Output(display_name="layout")],
+            outputs=[types.Layout.Output(display_name="layout",
+                                         tooltip="The regions, one per mask (region i = subject i).")],
         )
 
     @classmethod
@@ -141,7 +142,8 @@ class TroupeLayoutToMasks(io.ComfyNode):
                 io.Float.Input("feather", default=0.0, min=0.0, max=256.0, step=1.0,
                                tooltip="Gaussian blur sigma in canvas pixels (scaled to the mask size)."),
             ],
-            outputs=[io.Mask.Output(display_name="masks")],
+            outputs=[io.Mask.Output(display_name="masks",
+                                    tooltip="One mask per region at the chosen size (a MASK batch).")],
             is_output_node=True,
         )
 
@@ -169,7 +171,8 @@ class TroupeLayoutPreview(io.ComfyNode):
                                      tooltip="Optional subject list: its labels name the boxes, and on a blank canvas "
                                              "each box shows its subject's reference photo."),
             ],
-            outputs=[io.Image.Output(display_name="image")],
+            outputs=[io.Image.Output(display_name="image",
+                                     tooltip="The boxes, numbers, colours and labels drawn over the image, or each subject's reference in its box.")],
             is_output_node=True,
         )
 

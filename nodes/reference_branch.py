@@ -267,7 +267,8 @@ class TroupeReferenceBranch(io.ComfyNode):
                                        "'offset per reference (MOSAIC)', 'same index (AlignGen)' (Sec. 4.2 of "
                                        "AlignGen: every reference at the same positions, left of the image)."),
             ],
-            outputs=[io.Model.Output(display_name="model")],
+            outputs=[io.Model.Output(display_name="model",
+                                     tooltip="A patched copy of the FLUX model with the reference branch: connect it to the sampler.")],
             is_output_node=True,
         )
 
@@ -322,7 +323,8 @@ class TroupeAttentionMaskPreview(io.ComfyNode):
                 io.Int.Input("height", default=1024, min=64, max=8192, step=16,
                              tooltip="Height in pixels of the image you will generate."),
             ],
-            outputs=[io.Image.Output(display_name="image")],
+            outputs=[io.Image.Output(display_name="image",
+                                     tooltip="The joint attention mask: who may attend to whom.")],
             is_output_node=True,
         )
 

@@ -230,7 +230,8 @@ class TroupeApplySDXL(io.ComfyNode):
                                        "the subject weights replace it, as MS-Diffusion does; others: multiply), "
                                        "'times weight', or 'instead of weight (MS-Diffusion)'."),
             ],
-            outputs=[io.Model.Output(display_name="model")],
+            outputs=[io.Model.Output(display_name="model",
+                                     tooltip="A patched copy of the SDXL model: connect it to the sampler.")],
         )
 
     @classmethod

@@ -82,7 +82,9 @@ class TroupeRoutingPreview(io.ComfyNode):
                                     tooltip="An SDXL adapter from TroupeLoadAdapter; empty: the paper's initial "
                                             "router (base tokens early, detail tokens late)."),
             ],
-            outputs=[io.Image.Output(display_name="chart"), io.String.Output(display_name="weights")],
+            outputs=[io.Image.Output(display_name="chart",
+                                     tooltip="The gates of the four token levels at every step of the sampler."), io.String.Output(display_name="weights",
+                                                                                                                                   tooltip="The same gates as text, one line per step.")],
             is_output_node=True,
         )
 

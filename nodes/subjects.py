@@ -31,7 +31,8 @@ class TroupeSubject(io.ComfyNode):
                               tooltip="Optional mask of the subject inside the reference image (white = subject); "
                                       "encoders crop to it and blank the background."),
             ],
-            outputs=[types.Subject.Output(display_name="subject")],
+            outputs=[types.Subject.Output(display_name="subject",
+                                          tooltip="One subject (reference photos, label, weight, mask): connect it to a Troupe Subject List slot.")],
         )
 
     @classmethod
@@ -63,7 +64,8 @@ class TroupeSubjectList(io.ComfyNode):
             category=CATEGORY,
             description="Collect up to 8 subjects; the order (skipping empty slots) is the layout's box order.",
             inputs=slots,
-            outputs=[types.Subjects.Output(display_name="subjects")],
+            outputs=[types.Subjects.Output(display_name="subjects",
+                                           tooltip="The subjects in slot order (empty slots skipped): subject i belongs to layout box i.")],
         )
 
     @classmethod

@@ -3,7 +3,9 @@ real server (tiny FLUX; a Redux-shaped style model and 729 SigLIP-384 tokens per
 
 In ``attn_bias`` mode StyleModelApply adds an attention mask sized for the Redux tokens; the branch's DEM consumes
 those tokens and removes them, so it re-indexes the mask with them: the run completes, and since the bias only
-ever touched the removed Redux columns, attn_bias gives the image that multiply at strength 1 gives.
+ever touched the removed Redux columns, attn_bias gives the image that multiply at strength 1 gives. (How the
+strength changes what the DEM reads shows in the latents, below 8-bit pixels on the tiny model:
+tests/unit/test_redux_dem.py.)
 """
 from __future__ import annotations
 
@@ -84,7 +86,8 @@ def test_attn_bias_mode_runs_and_its_mask_leaves_with_the_redux_tokens(server):
     assert np.array_equal(biased, plain)
 
 
-def test_multiply_mode_scales_the_tokens_the_dem_reads(server):
-    half = image(server, server.run(prompt(0.5, "multiply")))
-    full = image(server, server.run(prompt(1.0, "multiply")))
-    assert np.abs(half - full).max() > 0
+def test_multiply_mode_runs_end_to_end(server):
+    """multiply at any strength scales the tokens the DEM reads (the in-process test checks the latents differ:
+    tests/unit/test_redux_dem.py); here both strengths run through the server and decode."""
+    for strength in (0.5, 1.0):
+        assert image(server, server.run(prompt(strength, "multiply"))).shape == (SIZE, SIZE, 3)

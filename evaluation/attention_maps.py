@@ -1,11 +1,15 @@
 """Attention maps drawn over the decoded image: one heat-map per subject and the argmax-subject map (plain torch)."""
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageDraw
 
 from ..models.layout.layout import PALETTE
-from .heatmap import RAMP, hex_rgb
+from .heatmap import RAMP, _font, hex_rgb
 
 IMAGE_SHARE = 0.4  # how much of the decoded image shows under the colours
 
@@ -51,3 +55,19 @@ def render_attention_maps(image: torch.Tensor, maps: torch.Tensor) -> torch.Tens
         frames += [IMAGE_SHARE * base[i] + (1 - IMAGE_SHARE) * heat[i, j] for j in range(n)]
         frames.append(IMAGE_SHARE * base[i] + (1 - IMAGE_SHARE) * winner[i])
     return torch.stack(frames).clamp(0, 1)
+
+
+def label_frames(frames: torch.Tensor, labels: Sequence[str]) -> torch.Tensor:
+    """Each image's frames titled ``labels`` then "argmax" in their top-left corner (white on black)."""
+    titles = [*labels, "argmax"]
+    out = frames.clone()
+    for i, frame in enumerate(out):
+        img = Image.new("RGB", (frame.shape[1], frame.shape[0]))
+        draw = ImageDraw.Draw(img)
+        text = titles[i % len(titles)]
+        font = _font(max(10, frame.shape[0] // 16))
+        box = draw.textbbox((3, 2), text, font=font)
+        draw.text((3, 2), text, fill=(255, 255, 255), font=font)
+        w, h = min(box[2] + 3, frame.shape[1]), min(box[3] + 2, frame.shape[0])
+        frame[:h, :w] = torch.from_numpy(np.asarray(img, dtype=np.float32)[:h, :w] / 255.0)  # only the title box
+    return out

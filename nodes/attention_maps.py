@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io, ui
 
-from ..evaluation.attention_maps import render_attention_maps
+from ..evaluation.attention_maps import label_frames, render_attention_maps
 from ..models.attention_record import BLOCK_CHOICES, Recording, RecordSettings
 from . import lifecycle, types
 from .errors import node_error
@@ -25,8 +25,9 @@ def record_attention(model, blocks: str, start_percent: float, end_percent: floa
     return lifecycle.install_recorder(model, recording), recording
 
 
-def attention_maps(image: torch.Tensor, recording: Recording) -> torch.Tensor:
-    """The heat-maps of the latest finished run of ``recording`` over ``image`` (see render_attention_maps)."""
+def attention_maps(image: torch.Tensor, recording: Recording, subjects=None) -> torch.Tensor:
+    """The heat-maps of the latest finished run of ``recording`` over ``image`` (see render_attention_maps), titled
+    with the subjects' labels when ``subjects`` is given."""
     recorder = recording.last
     if recorder is None:
         raise node_error(RENDER, "recording", "no sampling run with TroupeAttentionMaps' model has finished; sample "
@@ -41,7 +42,13 @@ def attention_maps(image: torch.Tensor, recording: Recording) -> torch.Tensor:
             raise node_error(RENDER, "image", f"{image.shape[0]} images but the last run sampled {maps.shape[0]}; "
                              "connect the images decoded from that run")
         maps = maps.expand(image.shape[0], -1, -1, -1)
-    return render_attention_maps(image, maps)
+    if subjects is not None and len(subjects) != maps.shape[1]:
+        raise node_error(RENDER, "subjects", f"{len(subjects)} subjects but the run recorded {maps.shape[1]}; connect "
+                         "the subjects you generated with, or leave it empty")
+    frames = render_attention_maps(image, maps)
+    if subjects is None:
+        return frames
+    return label_frames(frames, [s.label or f"subject {i + 1}" for i, s in enumerate(subjects)])
 
 
 class TroupeAttentionMaps(io.ComfyNode):
@@ -89,12 +96,15 @@ class TroupeAttentionMapsRender(io.ComfyNode):
                 io.Image.Input("image", tooltip="The image decoded from the sampler that used TroupeAttentionMaps' "
                                                 "model (it also makes this node run after that sampler)."),
                 types.AttentionRecording.Input("recording", tooltip="The recording output of TroupeAttentionMaps."),
+                types.Subjects.Input("subjects", optional=True,
+                                     tooltip="Optional: the subjects you generated with; their labels title the "
+                                             "heat-maps (subject i is region i)."),
             ],
             outputs=[io.Image.Output(display_name="maps")],
             is_output_node=True,
         )
 
     @classmethod
-    def execute(cls, image, recording) -> io.NodeOutput:
-        maps = attention_maps(image, recording)
+    def execute(cls, image, recording, subjects=None) -> io.NodeOutput:
+        maps = attention_maps(image, recording, subjects)
         return io.NodeOutput(maps, ui=ui.PreviewImage(maps, cls=cls))

@@ -69,7 +69,8 @@ def prompt(files: dict, record: bool, seed: int, prefix: str) -> dict:
     if record:
         p["20"] = {"class_type": "TroupeAttentionMaps", "inputs": {"model": ["12", 0], "blocks": "all",
                                                                     "start_percent": 0.0, "end_percent": 1.0}}
-        p["21"] = {"class_type": "TroupeAttentionMapsRender", "inputs": {"image": ["18", 0], "recording": ["20", 1]}}
+        p["21"] = {"class_type": "TroupeAttentionMapsRender", "inputs": {"image": ["18", 0], "recording": ["20", 1],
+                                                                          "subjects": ["7", 0]}}
         p["22"] = {"class_type": "SaveImage", "inputs": {"images": ["21", 0], "filename_prefix": prefix + "_maps"}}
     return p
 

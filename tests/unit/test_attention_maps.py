@@ -272,5 +272,13 @@ def test_render_gives_one_map_per_subject_and_the_argmax_map(env):
     left = frames[2, 48, 10]  # only region 0 covers x = 10 / 160
     torch.testing.assert_close(left, (1 - IMAGE_SHARE) * subject_colours(2)[0])
     assert frames[2, 48, 150].abs().max() == 0  # x = 150 / 160: no region, black
+    from comfyui_troupe.models.layout.subject import Subject
+
+    subjects = tuple(Subject(image=torch.zeros(1, 8, 8, 3), label=name) for name in ("dog", "bear"))
+    titled = env["maps"].attention_maps(image, recording, subjects)
+    assert titled.shape == frames.shape and (titled[:, 2, 2] - frames[:, 2, 2]).abs().max() > 0  # the titles
+    assert torch.equal(titled[:, 60:], frames[:, 60:])  # ... only in the corner
+    with pytest.raises(ValueError, match="TroupeAttentionMapsRender: input 'subjects': 1 subjects but the run"):
+        env["maps"].attention_maps(image, recording, subjects[:1])
     with pytest.raises(ValueError, match="TroupeAttentionMaps: input 'end_percent'"):
         env["maps"].record_attention(apply_sdxl(env, "separate"), "all", 0.6, 0.4)

@@ -26,7 +26,8 @@ import contextlib
 import copy
 import logging
 import uuid
-from typing import Any, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import comfy.patcher_extension
 
@@ -72,7 +73,7 @@ class RunScope:
         self.key = key
         self.canvas = canvas  # (width, height) of the layout the patch places subjects with, if any
 
-    def __deepcopy__(self, memo: dict) -> "RunScope":
+    def __deepcopy__(self, memo: dict) -> RunScope:
         return self
 
     def __call__(self, executor, *args, **kwargs):
@@ -163,10 +164,10 @@ class Hook:
     def __init__(self, key: str, patch: Any, previous: Callable | None = None) -> None:
         self.key, self.patch, self.previous = key, patch, previous
 
-    def __deepcopy__(self, memo: dict) -> "Hook":
+    def __deepcopy__(self, memo: dict) -> Hook:
         return self  # holds no per-run state: shared by clones on every host
 
-    def to(self, device) -> "Hook":
+    def to(self, device) -> Hook:
         """ModelPatcher moves replace patches: pass it on to the hook this one wraps."""
         moved = self.previous.to(device) if hasattr(self.previous, "to") else self.previous
         if moved is self.previous:

@@ -46,7 +46,7 @@ class BranchInputs:
 
     prompt: str
     reference_size: int = 512
-    options: ReferenceOptions = ReferenceOptions()
+    options: ReferenceOptions = dataclasses.field(default_factory=ReferenceOptions)
     lora_name: str = NONE
     dem_name: str = NONE
 
@@ -159,7 +159,7 @@ def reference_branch(model, vae, subjects, inputs: BranchInputs, layout=None, cl
     latents, owner = encode_references(vae, model, subjects, inputs.reference_size)
     region_masks = None
     if layout is not None:
-        region_masks = lambda h, w: layout.masks(h, w)[: len(subjects)]  # noqa: E731
+        region_masks = lambda h, w: layout.masks(h, w)[: len(subjects)]
     opts = dataclasses.replace(opts, positions=trained_positions(opts.positions, lora.format if lora else None))
     base = model.model
     branch = ReferenceBranch(dit=dit, latents=latents, ref_subject=owner, options=opts,

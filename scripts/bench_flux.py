@@ -24,9 +24,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the tiny-model helpers (ComfyUI in-process on CPU) live with the tests
 
-import conftest  # noqa: E402,F401  (registers the pack as comfyui_troupe; sets 1 torch thread)
-import torch  # noqa: E402
-from bench_common import PeakRSS  # noqa: E402
+import conftest  # noqa: F401  (registers the pack as comfyui_troupe; sets 1 torch thread)
+import torch
+from bench_common import PeakRSS
 
 FULL_FLUX = {
     "image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 768, "context_in_dim": 4096,

@@ -25,7 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from bench_common import PeakRSS  # noqa: E402
+from bench_common import PeakRSS
 
 
 def measure(fn) -> tuple[float, float]:

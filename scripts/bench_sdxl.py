@@ -25,9 +25,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the tiny-model helpers (ComfyUI in-process on CPU) live with the tests
 
-import conftest  # noqa: E402,F401  (registers the pack as comfyui_troupe; sets 1 torch thread)
-import torch  # noqa: E402
-from bench_common import PeakRSS  # noqa: E402
+import conftest  # noqa: F401  (registers the pack as comfyui_troupe; sets 1 torch thread)
+import torch
+from bench_common import PeakRSS
 
 FULL_SDXL_UNET = {
     "use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4, "use_spatial_transformer": True,
@@ -95,10 +95,10 @@ def peer_model(base, adapter, peer_dir: Path, boxes, size: int, sigma_start: flo
     ipa = PeerAdapter()
     callback = wrap(cap.ipadapter_attention)  # the per-subject image term, timed like ours
     gen = torch.Generator().manual_seed(2)
-    subjects = [dict(ipadapter=ipa, weight=0.6, cond=torch.randn(1, 4, 2048, generator=gen),
-                     uncond=torch.zeros(1, 4, 2048), cond_alt=None, weight_type="linear",
-                     mask=render_box(b, size // 8, size // 8)[None], sigma_start=sigma_start, sigma_end=0.0,
-                     unfold_batch=False, embeds_scaling="V only") for b in boxes]
+    subjects = [{"ipadapter": ipa, "weight": 0.6, "cond": torch.randn(1, 4, 2048, generator=gen),
+                     "uncond": torch.zeros(1, 4, 2048), "cond_alt": None, "weight_type": "linear",
+                     "mask": render_box(b, size // 8, size // 8)[None], "sigma_start": sigma_start, "sigma_end": 0.0,
+                     "unfold_batch": False, "embeds_scaling": "V only"} for b in boxes]
     m = base.clone()
     for number, (block, idx, j) in enumerate(sdxl_layer_keys()):
         patch = None

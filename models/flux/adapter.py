@@ -33,8 +33,8 @@ result added to the block's image output (after its MLP), not to the attention o
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -262,7 +262,7 @@ def troupe_expected(c: FluxAdapterConfig) -> dict[str, tuple[int, ...]]:
 
 
 def instantx_config(sd: Mapping[str, torch.Tensor]) -> FluxAdapterConfig:
-    hidden2, pooled = _shape(sd, "image_proj.proj.0.weight", INSTANTX)
+    _hidden2, pooled = _shape(sd, "image_proj.proj.0.weight", INSTANTX)
     (context,) = _shape(sd, "image_proj.norm.weight", INSTANTX)
     out_features = _shape(sd, "image_proj.proj.2.weight", INSTANTX)[0]
     hidden, ctx = _shape(sd, "ip_adapter.0.to_k_ip.weight", INSTANTX)
@@ -322,9 +322,7 @@ def module_keys(sd: Mapping[str, torch.Tensor], c: FluxAdapterConfig) -> dict[st
             out[f"layers.{m.group(1)}.to_{m.group(2)}_ip.{m.group(3)}"] = v
         elif k.startswith("ip_adapter_proj_model."):
             out["image_proj." + k[len("ip_adapter_proj_model."):]] = v
-        elif m := re.match(r"ip_adapter\.(\d+)\.(.*)", k):
-            out[f"layers.{m.group(1)}.{m.group(2)}"] = v
-        elif m := re.match(r"double_blocks\.(\d+)\.(.*)", k):
+        elif (m := re.match(r"ip_adapter\.(\d+)\.(.*)", k)) or (m := re.match(r"double_blocks\.(\d+)\.(.*)", k)):
             out[f"layers.{m.group(1)}.{m.group(2)}"] = v
         elif m := re.match(r"single_blocks\.(\d+)\.(.*)", k):
             out[f"layers.{c.double_blocks + int(m.group(1))}.{m.group(2)}"] = v

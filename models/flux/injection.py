@@ -11,8 +11,8 @@ rows of each region only. Plain torch; the hooks that run it inside a FLUX block
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -76,7 +76,7 @@ class TokenMasks:
     rows: tuple[torch.Tensor | None, ...]
 
     @classmethod
-    def of(cls, values: torch.Tensor) -> "TokenMasks":
+    def of(cls, values: torch.Tensor) -> TokenMasks:
         rows = []
         for m in values:
             r = torch.nonzero(m > 0).flatten()

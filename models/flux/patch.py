@@ -16,7 +16,7 @@ the block's ``num_heads`` and hooks ComfyUI's ``optimized_attention_override``).
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -25,8 +25,8 @@ def _font(size: int) -> ImageFont.ImageFont:
 def box_pixels(box: tuple[float, float, float, float], width: int, height: int) -> tuple[int, int, int, int]:
     """Pixel rectangle (left, top, right, bottom; right/bottom inclusive) of a normalised box."""
     x0, y0, x1, y1 = box
-    left, top = int(round(x0 * width)), int(round(y0 * height))
-    right, bottom = int(round(x1 * width)) - 1, int(round(y1 * height)) - 1
+    left, top = round(x0 * width), round(y0 * height)
+    right, bottom = round(x1 * width) - 1, round(y1 * height) - 1
     return left, top, max(left, right), max(top, bottom)
 
 

@@ -12,8 +12,8 @@ Axis legend: B batch, T text tokens, N image tokens, R reference tokens (all ref
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F

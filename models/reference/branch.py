@@ -14,8 +14,8 @@ Axis legend: B batch, T text tokens, N image tokens, R reference tokens (all ref
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -149,7 +149,7 @@ def prepare_reference_image(image: torch.Tensor, mask: torch.Tensor | None, size
             rows, cols = torch.nonzero(on.any(1)).flatten(), torch.nonzero(on.any(0)).flatten()
             img = img[int(rows[0]):int(rows[-1]) + 1, int(cols[0]):int(cols[-1]) + 1]
     h, w = img.shape[:2]
-    side = max(1, int(round(max(h, w) / fill)))
+    side = max(1, round(max(h, w) / fill))
     canvas = torch.ones(side, side, 3)
     y0, x0 = (side - h) // 2, (side - w) // 2
     canvas[y0:y0 + h, x0:x0 + w] = img

@@ -15,7 +15,7 @@ previous branch's, and tells the inner ones (``JOINT`` in ``extra``) to pass the
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -18,8 +18,8 @@ Layouts (README, "FLUX reference branch"):
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 import torch
 
@@ -37,7 +37,7 @@ class FluxDims:
     depth_single: int
 
     @classmethod
-    def from_model(cls, dit) -> "FluxDims":
+    def from_model(cls, dit) -> FluxDims:
         """Read the dims off a ComfyUI ``Flux`` diffusion model (``model.model.diffusion_model``)."""
         p = dit.params
         return cls(hidden=p.hidden_size, mlp_hidden=int(p.hidden_size * p.mlp_ratio),
@@ -68,7 +68,7 @@ class ReferenceLoRA:
     def modules(self) -> list[str]:
         return sorted(self.parts)
 
-    def to(self, device, dtype) -> "ReferenceLoRA":
+    def to(self, device, dtype) -> ReferenceLoRA:
         """A copy on ``device``/``dtype``, cached so a run moves the weights once."""
         key = (str(device), dtype)
         if key not in self._moved:

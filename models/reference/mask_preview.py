@@ -26,7 +26,7 @@ def draw_attention_mask(spec: MaskSpec, size: int = 768) -> torch.Tensor:
     img = F.interpolate(img, size=(size, size), mode="nearest")[0]
     line = torch.tensor(SEPARATOR)[:, None, None]
     for _, s, _e in segments[1:]:
-        p = int(round(s * size / spec.length))
+        p = round(s * size / spec.length)
         img[:, max(0, p - 1):p + 1, :] = line
         img[:, :, max(0, p - 1):p + 1] = line
     return img.permute(1, 2, 0)[None].clamp(0, 1)

@@ -83,7 +83,7 @@ class SdxlAdapter(nn.Module):
             raise ValueError(f"unknown SDXL adapter format {format!r}; known: {', '.join(FORMATS)}")
         if (resampler is None) == (linear is None):
             raise ValueError("give exactly one image projection: a resampler config or (embedding_dim, tokens)")
-        kw = dict(dtype=dtype, device=device)
+        kw = {"dtype": dtype, "device": device}
         self.format = format
         self.semantics = "joint" if format in JOINT_FORMATS else "separate"
         self.trained_crop = TRAINED_CROP[format]

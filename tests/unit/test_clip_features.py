@@ -6,7 +6,12 @@ import torch
 from torch import nn
 
 from comfyui_troupe.models.encoding.clip_features import (
-    check_layers, default_layers, record_layers, stack_levels, subject_batch, subject_crop,
+    check_layers,
+    default_layers,
+    record_layers,
+    stack_levels,
+    subject_batch,
+    subject_crop,
 )
 
 

@@ -8,9 +8,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from fixtures.tiny_models import ensure_comfy, load_vision_model, tiny_clip_vision, write_vision_model
 from PIL import Image
-
-from fixtures.tiny_models import ensure_comfy, tiny_clip_vision, write_vision_model, load_vision_model
 
 WIDTH = 64  # tiny_clip_vision's width
 
@@ -108,7 +107,7 @@ def test_the_mask_crops_and_blanks_the_background(enc, clip24, subjects):
     """Changing pixels outside the cat's mask changes nothing; changing them inside does."""
     from comfyui_troupe.models.layout.subject import Subject
 
-    dog, cat = subjects
+    _dog, cat = subjects
     outside = cat.image.clone()
     outside[:, :5] = 0.0  # the top rows lie outside the mask
     inside = cat.image.clone()

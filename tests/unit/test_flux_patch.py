@@ -33,8 +33,8 @@ def mods():
     from comfyui_troupe.models.layout.layout import Layout, Region
     from comfyui_troupe.nodes import flux
 
-    return dict(adapter=flux_adapter, patch=flux_patch, injection=flux_injection, Layout=Layout, Region=Region, ClipFeatures=ClipFeatures,
-                node=flux)
+    return {"adapter": flux_adapter, "patch": flux_patch, "injection": flux_injection, "Layout": Layout, "Region": Region, "ClipFeatures": ClipFeatures,
+                "node": flux}
 
 
 @pytest.fixture(scope="module")

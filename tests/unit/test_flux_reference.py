@@ -93,7 +93,7 @@ def base_inputs(dit, seed=3, n_txt=12, hw=8):
     txt = dit.txt_in(ctx)
     txt_ids = torch.zeros(1, n_txt, 3)
     pe = dit.pe_embedder(torch.cat((txt_ids, img_ids), 1))
-    return dict(x=x, y=y, img=img, txt=txt, vec=vec, pe=pe)
+    return {"x": x, "y": y, "img": img, "txt": txt, "vec": vec, "pe": pe}
 
 
 def make_stream(fr, comfy, branch, inp, positions=None):
@@ -162,7 +162,7 @@ def test_references_change_the_output_and_base_model_is_untouched(fr, comfy, mod
 def test_with_references_isolated_by_the_mask_text_and_image_equal_base(fr, comfy, model, dit):
     """Selective text mask with no concept tokens + empty regions: nobody attends the references, so text and
     image tokens must be exactly what the base model computes (only what they attend to may change)."""
-    empty = lambda h, w: torch.zeros(2, h, w)  # noqa: E731
+    empty = lambda h, w: torch.zeros(2, h, w)
     branch = make_branch(fr, dit, selective_text=True, region=True, concept_positions=[[], []], region_masks=empty)
     inp = base_inputs(dit)
     outs = run_blocks(fr, comfy, dit, make_stream(fr, comfy, branch, inp), inp)
@@ -196,8 +196,8 @@ def test_lora_touches_only_reference_tokens(fr, comfy, dit, monkeypatch):
 
 
 def test_zeroing_the_lora_changes_only_the_reference_stream(fr, comfy, dit):
-    empty = lambda h, w: torch.zeros(2, h, w)  # noqa: E731
-    common = dict(selective_text=True, region=True, concept_positions=[[], []], region_masks=empty)
+    empty = lambda h, w: torch.zeros(2, h, w)
+    common = {"selective_text": True, "region": True, "concept_positions": [[], []], "region_masks": empty}
     sd = mosaic_lora_state_dict()
     inp = base_inputs(dit)
     with_lora = run_blocks(fr, comfy, dit, make_stream(fr, comfy, make_branch(
@@ -336,7 +336,7 @@ def test_clones_do_not_share_reference_state(fr, comfy, model, dit, clones, runs
     before = fingerprint(m)
     during = []
     runs.clear()
-    outs = [sample(x, *conditions(), callback=lambda *_: during.append(fingerprint(x))) for x in (m, c, m)]
+    outs = [sample(x, *conditions(), callback=lambda *_, x=x: during.append(fingerprint(x))) for x in (m, c, m)]
     assert during and all(f == before for f in during) and fingerprint(c) == before
     assert len({id(s) for s in runs.states}) == 3 and all(s.held for s in runs.states) and not runs.leftover()
     assert all(torch.equal(o, fresh) for o in outs)

@@ -26,7 +26,7 @@ def env():
     gen = torch.Generator().manual_seed(0)
     feats = ClipFeatures(hidden=torch.randn(2, 3, 6, 64, generator=gen), layers=(10, 17, 24), encoder="tiny",
                          labels=("a", "b"), depth=24)
-    return dict(fr=fr, flux=flux, install=install_branch, base=base, adapter=adapter, feats=feats, attention=comfy.ldm.flux.math.attention)
+    return {"fr": fr, "flux": flux, "install": install_branch, "base": base, "adapter": adapter, "feats": feats, "attention": comfy.ldm.flux.math.attention}
 
 
 def with_refs(env, model, n=2):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from fixtures import tiny_models as tm
 
 PROMPT = "a corgi and a Siamese cat on a chesterfield sofa"

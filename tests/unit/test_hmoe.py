@@ -7,7 +7,12 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from comfyui_troupe.models.encoding.hmoe import (
-    HMoE, FusionCheckpointError, HMoEConfig, hmoe_from_state_dict, hmoe_metadata, normalise_weights,
+    FusionCheckpointError,
+    HMoE,
+    HMoEConfig,
+    hmoe_from_state_dict,
+    hmoe_metadata,
+    normalise_weights,
 )
 
 CONFIG = HMoEConfig(in_dim=32, out_dim=48, router_hidden=16)
@@ -49,7 +54,7 @@ def test_weights_sum_to_one_and_fusion_is_the_weighted_sum(module, hidden):
     with torch.no_grad():
         out = module(hidden)
     sd = module.state_dict()
-    fused, routed, experts = independent(sd, hidden)
+    fused, routed, _experts = independent(sd, hidden)
     assert torch.allclose(out.routed_weights.sum(-1), torch.ones(2), atol=1e-6)
     assert torch.allclose(out.routed_weights, routed, atol=1e-6)
     assert torch.equal(out.weights, out.routed_weights)

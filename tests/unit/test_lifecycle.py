@@ -30,8 +30,8 @@ def env():
     tm.ensure_comfy()
     from comfyui_troupe.nodes import flux, lifecycle, reference_branch, sdxl
 
-    return dict(sdxl=sdxl, flux=flux, reference=reference_branch, lifecycle=lifecycle, sdxl_base=tm.tiny_sdxl(0),
-                flux_base=tm.tiny_flux(), clip=_tiny_sdxl_clip())
+    return {"sdxl": sdxl, "flux": flux, "reference": reference_branch, "lifecycle": lifecycle, "sdxl_base": tm.tiny_sdxl(0),
+                "flux_base": tm.tiny_flux(), "clip": _tiny_sdxl_clip()}
 
 
 def _tiny_sdxl_clip():
@@ -206,7 +206,7 @@ def test_clones_share_no_state(env, runs, clones, name):
     before = fingerprint(model)
     assert fingerprint(clone) == before  # the clone holds the same objects (shared, never copied)
     during = []
-    outs = [run(env, m, callback=lambda *_: during.append(fingerprint(m))) for m in (model, clone, model)]
+    outs = [run(env, m, callback=lambda *_, m=m: during.append(fingerprint(m))) for m in (model, clone, model)]
     assert during and all(f == before for f in during) and fingerprint(clone) == before
     assert len({id(s) for s in runs.states}) == len(runs.states) == 3 * len(CHAINS[name])  # a state per run
     assert all(s.held for s in runs.states) and not runs.leftover()

@@ -395,7 +395,7 @@ def test_base_model_unchanged_after_apply_and_sampling(unet, runs):
     """The MODEL passed in keeps its options, wrappers and outputs; the patched clone really differs."""
     import copy
 
-    node, base, _, cond = unet
+    _node, base, _, cond = unet
     options_before = copy.deepcopy(base.model_options)
     wrappers_before = {k: dict(v) for k, v in base.wrappers.items()}
     before = _sample(base, cond)

@@ -307,7 +307,9 @@ def test_aspect_change_keeps_boxes_and_delete_removes_them(page, artifacts):
     # 8-px grid (+40, +48) and the opposite corner stays where it was.
     first = two[1]
     x1, y1 = round(first["x1"] * 1024), round(first["y1"] * 512)
-    drag(page, node, (x1, y1), (x1 + 37, y1 + 45))
+    click(page, node, ((first["x0"] + first["x1"]) * 512, (first["y0"] + first["y1"]) * 256))  # handles: selected box only
+    wait_selected(page, node, 0)
+    drag(page, node, (x1 - 1, y1 - 1), (x1 + 36, y1 + 44))
     wait_until(page, node, f"boxes[0].x1 === {(x1 + 40) / 1024}", "the corner resize")
     assert boxes(page, node)[0] == {**first, "x1": (x1 + 40) / 1024, "y1": (y1 + 48) / 512}
     assert boxes(page, node)[1] == two[0]

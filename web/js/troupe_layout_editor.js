@@ -103,6 +103,11 @@ class LayoutEditor {
     }
     this.resizeObserver = new ResizeObserver(() => this.sync());
     this.resizeObserver.observe(this.canvas);
+    // The Vue node renderer does not draw the node on the canvas (no onDraw): check the value and the connected
+    // subjects' labels a few times a second there instead (sync is cheap when nothing changed).
+    this.timer = setInterval(() => {
+      if (globalThis.LiteGraph?.vueNodesMode && this.canvas.isConnected) this.sync();
+    }, 300);
     this.reload();
   }
 
@@ -545,6 +550,7 @@ class LayoutEditor {
 
   dispose() {
     this.resizeObserver?.disconnect();
+    clearInterval(this.timer);
   }
 }
 

@@ -74,7 +74,12 @@ class TroupeAttentionMaps(io.ComfyNode):
                 io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Last step recorded, as a fraction of the schedule (1 = the last step)."),
             ],
-            outputs=[io.Model.Output(display_name="model"), types.AttentionRecording.Output(display_name="recording")],
+            outputs=[io.Model.Output(display_name="model",
+                                     tooltip="A clone of the model that records its Troupe patches' attention while "
+                                             "it samples (the same images as the input model)."),
+                     types.AttentionRecording.Output(display_name="recording",
+                                                     tooltip="The handle to give TroupeAttentionMapsRender: the "
+                                                             "maps of the latest finished sampling run of this model.")],
         )
 
     @classmethod
@@ -100,7 +105,9 @@ class TroupeAttentionMapsRender(io.ComfyNode):
                                      tooltip="Optional: the subjects you generated with; their labels title the "
                                              "heat-maps (subject i is region i)."),
             ],
-            outputs=[io.Image.Output(display_name="maps")],
+            outputs=[io.Image.Output(display_name="maps",
+                                     tooltip="Per image: one heat-map per subject (its attention mass over the image, "
+                                             "one scale per image), then the argmax-subject map.")],
             is_output_node=True,
         )
 

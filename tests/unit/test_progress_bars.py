@@ -12,13 +12,27 @@ from comfyui_troupe.models.layout.subject import Subject
 
 @pytest.fixture()
 def progress(monkeypatch):
-    """The (value, total) of every ComfyUI progress-bar update, through the host's global hook."""
+    """The (value, total) after every update of a ComfyUI ProgressBar the pack creates (a recording stand-in:
+    newer ComfyUI throttles the hook it calls, so the hook would not see every step)."""
     ensure_comfy()
     import comfy.utils
 
     seen: list[tuple[int, int]] = []
-    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", lambda value, total, preview, node_id=None:
-                        seen.append((value, total)))
+
+    class Recording:
+        def __init__(self, total, node_id=None):
+            self.total, self.current = total, 0
+
+        def update(self, value):
+            self.current += value
+            seen.append((self.current, self.total))
+
+        def update_absolute(self, value, total=None, preview=None):
+            self.total = total or self.total
+            self.current = value
+            seen.append((self.current, self.total))
+
+    monkeypatch.setattr(comfy.utils, "ProgressBar", Recording)
     return seen
 
 

@@ -17,7 +17,7 @@ of 64; the R^3 refiner stores its own sizes (``refiner.heads``, ``window``, ``to
 from __future__ import annotations
 
 import re
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 
@@ -104,8 +104,8 @@ def resampler_config(sd: Mapping[str, torch.Tensor], fmt: str) -> ResamplerConfi
     inner = _shape(sd, p + "layers.0.0.to_q.weight", fmt)[0]
     ff_mult = _shape(sd, p + "layers.0.1.1.weight", fmt)[0] // dim
     dim_head = HEAD_WIDTH if inner % HEAD_WIDTH == 0 else inner
-    common = dict(dim=dim, depth=depth, heads=inner // dim_head, dim_head=dim_head, embedding_dim=embedding_dim,
-                  output_dim=output_dim, ff_mult=max(ff_mult, 1))
+    common = {"dim": dim, "depth": depth, "heads": inner // dim_head, "dim_head": dim_head, "embedding_dim": embedding_dim,
+                  "output_dim": output_dim, "ff_mult": max(ff_mult, 1)}
     if fmt in JOINT_FORMATS:
         grounding = _shape(sd, p + "latent_proj.0.weight", fmt)[1]
         queries = _shape(sd, p + "latent_proj.2.weight", fmt)[0] // dim
@@ -166,7 +166,7 @@ def check_keys(sd: Mapping[str, torch.Tensor], module: SdxlAdapter) -> None:
 def build(sd: Mapping[str, torch.Tensor], fmt: str, device=None) -> SdxlAdapter:
     """An empty ``SdxlAdapter`` with the sizes of the file (on ``device``; 'meta' allocates nothing)."""
     widths, cross = read_layers(sd, fmt)
-    kw: dict = dict(layer_widths=widths, cross_dim=cross, device=device)
+    kw: dict = {"layer_widths": widths, "cross_dim": cross, "device": device}
     if fmt == "ip-adapter-sdxl":
         rows, embedding_dim = _shape(sd, "image_proj.proj.weight", fmt)
         kw["linear"] = (embedding_dim, rows // cross)

@@ -17,8 +17,8 @@ Checkpoint names (under ``router.`` in an R^3 file): ``anchor_logits`` [3, L] (t
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import nn

@@ -20,7 +20,7 @@ PACK_NODES = {
     "TroupeApplySDXL", "TroupeRoutingPreview",
     "TroupeApplyFLUX",
     "TroupeReferenceBranch", "TroupeAttentionMaskPreview",
-    "TroupeLoadOpenCLIP", "TroupeImageTextCLIP", "TroupeFidelity",
+    "TroupeLoadOpenCLIP", "TroupeImageTextCLIP", "TroupeFidelity", "TroupeAttentionMaps", "TroupeAttentionMapsRender",
 }
 PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231"]
 

@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fixtures.sdxl_adapters import (
+    TINY_WIDTHS,
+    full_sdxl_widths,
+    ip_adapter_plus_state_dict,
+    ip_adapter_sdxl_state_dict,
+    ms_diffusion_state_dict,
+    r3_adapter,
+    r3_state_dict,
+    write_adapter,
+)
 from safetensors import safe_open
 
 from comfyui_troupe.models.adapter_file import AdapterFormatError, detect_and_load, read_state_dict
 from comfyui_troupe.models.encoding.reference_features import ClipFeatures
 from comfyui_troupe.models.sdxl.adapter import SdxlAdapter
-from comfyui_troupe.models.sdxl.formats import FAMILY
-from comfyui_troupe.models.sdxl.formats import detect, file_state_dict, save_sdxl_adapter
-from fixtures.sdxl_adapters import (
-    TINY_WIDTHS, full_sdxl_widths, ip_adapter_plus_state_dict, ip_adapter_sdxl_state_dict, ms_diffusion_state_dict,
-    r3_adapter, r3_state_dict, write_adapter,
-)
+from comfyui_troupe.models.sdxl.formats import FAMILY, detect, file_state_dict, save_sdxl_adapter
 
 # --------------------------------------------------------------------------- the published layouts, by hand
 

@@ -135,10 +135,7 @@ class TroupeEncodeDINO(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, dino_model: str) -> bool | str:
         """At queue time: 0.3.75 does not check V3 combo values itself."""
-        if dino_model in (None, NONE) or dino_model in paths.list_hf_folders("dino"):
-            return True
-        return (f"{NODE}: input 'dino_model': no folder '{dino_model}' with a config.json in models/dino; put the "
-                "HF model folder there and refresh, or pick another")
+        return paths.check_dino_folder(NODE, dino_model, NONE)
 
     @classmethod
     def execute(cls, subjects, dino_model: str, resolution: int, clip_vision=None, image=None) -> io.NodeOutput:

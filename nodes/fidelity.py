@@ -127,10 +127,7 @@ class TroupeFidelity(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, dino_model: str) -> bool | str:
-        if dino_model in (None, NONE) or dino_model in paths.list_hf_folders("dino"):
-            return True
-        return (f"{NODE}: input 'dino_model': no folder '{dino_model}' with a config.json in models/dino; put the "
-                "HF model folder there and refresh, or pick 'none'")
+        return paths.check_dino_folder(NODE, dino_model, NONE)
 
     @classmethod
     def execute(cls, image, subjects, layout, image_text, prompt: str, crop: str, dino_model: str,

@@ -96,6 +96,14 @@ def check_listed(node: str, input_name: str, folder: str, name: str, what: str =
             "refresh (R), or pick another")
 
 
+def check_dino_folder(node: str, name: str | None, none: str) -> bool | str:
+    """``validate_inputs`` for a ``dino_model`` combo: 'none' or a listed HF model folder in models/dino."""
+    if name in (None, none) or name in list_hf_folders("dino"):
+        return True
+    return (f"{node}: input 'dino_model': no folder '{name}' with a config.json in models/dino; put the HF model "
+            "folder there and refresh, or pick 'none'")
+
+
 def list_hf_folders(folder: str) -> list[str]:
     """Sub-folders holding a HF transformers model (a config.json), relative to the folder's roots."""
     found = []

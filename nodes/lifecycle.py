@@ -30,7 +30,9 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import comfy.patcher_extension
+import comfy.utils
 
+from ..models import setup_progress
 from ..models.attention_record import RUN_KEY, Recording
 
 LOG = logging.getLogger(__name__)
@@ -66,12 +68,34 @@ def run_cache(transformer_options: dict | None, key: str) -> dict:
     return state.cache
 
 
+class SetupProgress:
+    """The reporter a run's patch calls (``setup_progress.setup_done``): each hook point counted once, a ComfyUI
+    ProgressBar over all of them made at the first report (on the executing node: the sampler)."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.done: set = set()
+        self.bar = None
+
+    def __call__(self, *points) -> None:
+        before = len(self.done)
+        if before >= self.total:
+            return
+        self.done.update(points)
+        if len(self.done) == before:
+            return
+        if self.bar is None:
+            self.bar = comfy.utils.ProgressBar(self.total)
+        self.bar.update_absolute(min(len(self.done), self.total), self.total)
+
+
 class RunScope:
     """OUTER_SAMPLE wrapper of one instance: a fresh ``RunState`` for the run, released in ``finally``."""
 
-    def __init__(self, key: str, canvas: tuple[int, int] | None = None) -> None:
+    def __init__(self, key: str, canvas: tuple[int, int] | None = None, setup_points: int = 0) -> None:
         self.key = key
         self.canvas = canvas  # (width, height) of the layout the patch places subjects with, if any
+        self.setup_points = setup_points  # hook points whose once-per-run setup the progress bar counts
 
     def __deepcopy__(self, memo: dict) -> RunScope:
         return self
@@ -83,6 +107,8 @@ class RunScope:
         guider = executor.class_obj
         original = guider.model_options
         state = RunState(self.key)
+        if self.setup_points:
+            state.cache[setup_progress.RUN_KEY] = SetupProgress(self.setup_points)
         options = dict(original)
         to = dict(options.get("transformer_options") or {})
         to[RUNS] = {**(to.get(RUNS) or {}), self.key: state}
@@ -216,6 +242,7 @@ def install(model, patch: Any, family: str, *, attn2: Iterable[AttnKey] = (), di
     """A clone of ``model`` with ``patch`` on the given hook points and its run scope; ``model`` is untouched."""
     clone = model.clone()
     key = new_key(family)
+    attn2, dit = list(attn2), list(dit)
     replaces = clone.model_options.get("transformer_options", {}).get("patches_replace", {})
     existing = replaces.get("attn2", {})
     for block, index, j in attn2:
@@ -232,7 +259,8 @@ def install(model, patch: Any, family: str, *, attn2: Iterable[AttnKey] = (), di
     if diffusion_model:  # in model_options, so a direct apply_model call (no sampler) runs it too
         comfy.patcher_extension.add_wrapper_with_key(wrappers.DIFFUSION_MODEL, key, DiffusionModelHook(key, patch),
                                                      clone.model_options, is_model_options=True)
-    clone.add_wrapper_with_key(wrappers.OUTER_SAMPLE, key, RunScope(key, canvas))
+    points = len(attn2) + len(dit) + int(model_function)  # the hooks that hand the patch its run state
+    clone.add_wrapper_with_key(wrappers.OUTER_SAMPLE, key, RunScope(key, canvas, points))
     return clone
 
 

@@ -23,6 +23,7 @@ import torch
 from ..attention_record import RUN_KEY, subject_mass
 from ..layout.grid import token_grid
 from ..layout.layout import Layout
+from ..setup_progress import setup_done
 from .adapter import RESIDUAL, FluxImageAdapter
 from .injection import (
     BOTH,
@@ -137,6 +138,7 @@ class FluxInjection:
             k, v = layer.kv(self.tokens, head_dim, norm_v=c.norm_v, eps=c.norm_eps, norm_k=c.norm_k, device=device,
                             dtype=dtype)
             run[key] = (list(k.unbind(0)), list(v.unbind(0)))
+            setup_done(run, (f"{kind}_block", index))  # this block's once-per-run setup (the host's progress bar)
         return run[key]
 
     def masks(self, run: dict, latent_h: int, latent_w: int, device, dtype, text_rows: int = 0) -> TokenMasks | None:

@@ -12,7 +12,7 @@ Axis legend: B batch, T text tokens, N image tokens, R reference tokens (all ref
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -329,8 +329,10 @@ def reference_pe(branch: ReferenceBranch, batch: int, device, column_offset: int
     return branch.dit.pe_embedder(ids[None].expand(batch, -1, -1))
 
 
-def self_cached_kv(branch: ReferenceBranch, stream: Stream, attention: AttentionFn, transformer_options=None):
-    """Run the references alone (each attends to itself only) through every block; keep each block's K/V."""
+def self_cached_kv(branch: ReferenceBranch, stream: Stream, attention: AttentionFn, transformer_options=None,
+                   done: Callable[[tuple[str, int]], None] | None = None):
+    """Run the references alone (each attends to itself only) through every block; keep each block's K/V
+    (``done(("double_block" | "single_block", i))`` after each, for the host's setup progress)."""
     dit, kv = branch.dit, {}
     x = stream.x
     bounds, start = [], 0
@@ -347,10 +349,14 @@ def self_cached_kv(branch: ReferenceBranch, stream: Stream, attention: Attention
         k_rot = apply_rope(k, stream.pe)
         kv[("double", i)] = (k_rot, v)
         x = double_reference_out(block, x, m, own(apply_rope(q, stream.pe), k_rot, v), stream, f"double_blocks.{i}")
+        if done is not None:
+            done(("double_block", i))
     for i, block in enumerate(dit.single_blocks):
         m, q, k, v, mlp = single_reference_in(block, x, stream, f"single_blocks.{i}")
         k_rot = apply_rope(k, stream.pe)
         kv[("single", i)] = (k_rot, v)
         x = single_reference_out(block, x, m, own(apply_rope(q, stream.pe), k_rot, v), mlp, stream,
                                  f"single_blocks.{i}")
+        if done is not None:
+            done(("single_block", i))
     return kv

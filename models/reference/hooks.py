@@ -15,17 +15,26 @@ previous branch's, and tells the inner ones (``JOINT`` in ``extra``) to pass the
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import torch
 
 from ..attention_record import RUN_KEY, AttentionRecorder, subject_mass
 from ..layout.grid import token_grid
+from ..setup_progress import setup_done
 from .blocks import Stream, double_block, reference_pe, reference_tokens, reference_vec, self_cached_kv, single_block
 from .branch import STATE_KEY, AttentionFn, ReferenceBranch, sdpa_attention
 
 JOINT = "troupe_reference_joint"  # in a block hook's ``extra``: its original block already runs every stream
 MAX_ENTRIES = 8  # conditions (pooled vectors) a run keeps the reference tokens / K/V of
+STREAM_POINT = "model_function"  # the setup progress point of the stream prepared in the model-function hook
+
+
+def block_points(dit) -> list[tuple[str, int]]:
+    """The DiT block hook points of a branch (``patches_replace["dit"]`` keys), for the setup progress."""
+    return ([("double_block", i) for i in range(len(dit.double_blocks))]
+            + [("single_block", i) for i in range(len(dit.single_blocks))])
 
 
 def branch_dtype(branch: ReferenceBranch):
@@ -65,7 +74,8 @@ def prepare_stream(branch: ReferenceBranch, x: torch.Tensor, y: torch.Tensor | N
     entries = run.setdefault("entries", [])
     tokens = next((e["tokens"] for e in entries if e["tokens"].dtype == dtype and e["tokens"].device == device),
                   None)
-    if tokens is None:
+    new = tokens is None
+    if new:
         tokens = reference_tokens(branch, lora, dtype, device)
     stream = Stream(branch, tokens.expand(batch, -1, -1), vec, pe, img_grid, lora, item_positions=item_positions,
                     item_blocked=item_blocked, masks=run.setdefault("masks", {}))
@@ -73,11 +83,17 @@ def prepare_stream(branch: ReferenceBranch, x: torch.Tensor, y: torch.Tensor | N
         stream.kv = next((e["kv"] for e in entries if e["kv"] is not None and e["offset"] == column_offset
                           and e["vec"].shape == vec.shape and torch.equal(e["vec"], vec)), None)
         if stream.kv is None:
-            stream.kv = self_cached_kv(branch, stream, attention, transformer_options)
+            stream.kv = self_cached_kv(branch, stream, attention, transformer_options,
+                                       done=functools.partial(setup_done, run))  # each block's K/V: one point
             entries.append({"tokens": tokens, "vec": vec, "kv": stream.kv, "offset": column_offset})
         stream.x = None
-    elif not entries:
-        entries.append({"tokens": tokens, "vec": vec, "kv": None, "offset": column_offset})
+    else:
+        if not entries:
+            entries.append({"tokens": tokens, "vec": vec, "kv": None, "offset": column_offset})
+        if new:  # joint: the blocks set nothing up (the references run through them at every step)
+            setup_done(run, *block_points(branch.dit))
+    if new:
+        setup_done(run, STREAM_POINT)
     del entries[:-MAX_ENTRIES]
     return stream
 

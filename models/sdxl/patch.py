@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from ..attention_record import RUN_KEY, subject_mass
 from ..layout.grid import grid_of_tokens
 from ..layout.layout import Layout
+from ..setup_progress import setup_done
 from .layer_weights import layer_weight, parse_layer_weights
 from .router import MODES
 
@@ -239,6 +240,7 @@ class RegionalAttentionPatch:
             if self.uncond_tokens is not None:
                 entry["uk"], entry["uv"] = proj(self.uncond_tokens.reshape(n, levels * t, d))
             run[ck] = entry
+            setup_done(run, key)  # this layer's once-per-run setup (the host's progress bar)
         return run[ck]
 
     def masks(self, run: dict, h: int, w: int, device) -> dict[str, Any]:
@@ -303,6 +305,7 @@ class RegionalAttentionPatch:
             return out
         factor = layer_weight(self.layer_weights, key)
         if factor == 0.0:
+            setup_done(run, key)  # nothing to set up here; counted so the host's setup progress completes
             return out  # a module left out of layer_weights gets no image term (as IPAdapter_plus)
         shape = extra_options["original_shape"]
         h, w = grid_of_tokens(q.shape[1], int(shape[-2]), int(shape[-1]))

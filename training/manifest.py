@@ -125,8 +125,12 @@ def _box(value: Any, at: str) -> tuple[Box | None, str | None]:
         return None, str(e)
 
 
-def _subject(item: Any, at: str, caption: str | None, base: Path, problems: list[str]) -> SubjectRecord | None:
-    """Parse one subject object, appending its problems; None when it has any."""
+FileRef = tuple[str, Path, str]  # (how a problem names it, path, role: "image", "mask" or "reference")
+
+
+def _subject(item: Any, at: str, caption: str | None, base: Path, problems: list[str],
+             files: list[FileRef]) -> SubjectRecord | None:
+    """Parse one subject object, appending its problems and the files it names; None when it has problems."""
     if not isinstance(item, dict):
         problems.append(f"{at}: expected an object with label, box and references, got {json.dumps(item)}")
         return None
@@ -149,7 +153,11 @@ def _subject(item: Any, at: str, caption: str | None, base: Path, problems: list
     mask = item.get("mask")
     if mask is not None and (not isinstance(mask, str) or not mask):
         problems.append(f'{at}: "mask" must be a path to a mask image (or left out), got {json.dumps(mask)}')
+    elif mask:
+        files.append((f"{at} mask", _path(base, mask), "mask"))
     refs = item.get("references")
+    if isinstance(refs, list):
+        files.extend((f"{at} reference", _path(base, r), "reference") for r in refs if isinstance(r, str) and r)
     if refs == CROP:
         references: tuple[Path, ...] = ()
     elif isinstance(refs, list) and refs and all(isinstance(r, str) and r for r in refs):
@@ -165,22 +173,25 @@ def _subject(item: Any, at: str, caption: str | None, base: Path, problems: list
                          references=references)
 
 
-def _record(text: str, line: int, base: Path) -> tuple[Record | None, list[str]]:
-    """Parse one non-blank manifest line into a Record, or None and its problems (without file checks)."""
+def _record(text: str, line: int, base: Path) -> tuple[Record | None, list[str], list[FileRef]]:
+    """Parse one non-blank manifest line: (the Record or None, its problems, the files it names to check)."""
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        return None, [f"not valid JSON ({e.msg} at column {e.colno}); each line must be one JSON object"]
+        return None, [f"not valid JSON ({e.msg} at column {e.colno}); each line must be one JSON object"], []
     except RecursionError:
-        return None, ["not valid JSON (nested too deeply); each line must be one JSON object"]
+        return None, ["not valid JSON (nested too deeply); each line must be one JSON object"], []
     if not isinstance(data, dict):
         return None, ['expected a JSON object {"image": .., "caption": .., "subjects": [..]}, '
-                      + f"got {type(data).__name__}"]
+                      + f"got {type(data).__name__}"], []
     problems = [_unknown(k, RECORD_FIELDS, "field") for k in data if k not in RECORD_FIELDS]
+    files: list[FileRef] = []
     image, caption, subjects = data.get("image"), data.get("caption"), data.get("subjects")
     if not isinstance(image, str) or not image:
         problems.append(f'"image" must be the path of the target image, got '
                         f"{json.dumps(image) if 'image' in data else 'nothing'}")
+    else:
+        files.append(("image", _path(base, image), "image"))
     if not isinstance(caption, str) or not caption.strip():
         problems.append(f'"caption" must be a non-empty string, got '
                         f"{json.dumps(caption) if 'caption' in data else 'nothing'}")
@@ -198,16 +209,17 @@ def _record(text: str, line: int, base: Path) -> tuple[Record | None, list[str]]
         problems.append(f"{len(subjects)} subjects; at most {MAX_SUBJECTS} per record (the layout's limit): "
                         f"split the record or drop subjects")
     else:
-        parsed = [_subject(s, f"subject {i + 1}", caption if isinstance(caption, str) else None, base, problems)
-                  for i, s in enumerate(subjects)]
+        parsed = [_subject(s, f"subject {i + 1}", caption if isinstance(caption, str) else None, base, problems,
+                           files) for i, s in enumerate(subjects)]
         if kind == "cross":
-            crops = [i + 1 for i, s in enumerate(parsed) if s is not None and s.crop_from_target]
+            crops = [i + 1 for i, s in enumerate(subjects) if isinstance(s, dict) and s.get("references") == CROP]
             if crops:
                 problems.append(f'kind "cross" but subject {", ".join(map(str, crops))} uses "crop": a cross-pair '
                                 f'record takes references from other photos; list them or set kind "intra"')
     if problems:
-        return None, problems
-    return Record(line=line, image=_path(base, image), caption=caption, subjects=tuple(parsed), kind=kind), []
+        return None, problems, files
+    record = Record(line=line, image=_path(base, image), caption=caption, subjects=tuple(parsed), kind=kind)
+    return record, [], files
 
 
 # --------------------------------------------------------------------------- files
@@ -249,7 +261,8 @@ def _probe_all(paths: list[Path]) -> dict[Path, tuple[tuple[int, int] | None, st
         return dict(zip(unique, pool.map(_probe, unique)))
 
 
-def _file_problems(record: Record, probed: dict, base: Path) -> list[str]:
+def _file_problems(files: list[FileRef], probed: dict, base: Path) -> list[str]:
+    """The problems of one line's files: missing, unreadable, or a mask whose size is not the image's."""
     def show(p: Path) -> str:
         try:
             return str(p.relative_to(base))
@@ -257,21 +270,14 @@ def _file_problems(record: Record, probed: dict, base: Path) -> list[str]:
             return str(p)
 
     problems = []
-    size, problem = probed[record.image]
-    if problem:
-        problems.append(f"image {show(record.image)}: {problem}")
-    for i, s in enumerate(record.subjects):
-        if s.mask is not None:
-            mask_size, problem = probed[s.mask]
-            if problem:
-                problems.append(f"subject {i + 1} mask {show(s.mask)}: {problem}")
-            elif size is not None and mask_size != size:
-                problems.append(f"subject {i + 1} mask {show(s.mask)} is {mask_size[0]}x{mask_size[1]} but the image "
-                                f"is {size[0]}x{size[1]}; save the mask at the image's size")
-        for ref in s.references:
-            _, problem = probed[ref]
-            if problem:
-                problems.append(f"subject {i + 1} reference {show(ref)}: {problem}")
+    image_size = next((probed[path][0] for _, path, role in files if role == "image"), None)
+    for name, path, role in files:
+        size, problem = probed[path]
+        if problem:
+            problems.append(f"{name} {show(path)}: {problem}")
+        elif role == "mask" and image_size is not None and size != image_size:
+            problems.append(f"{name} {show(path)} is {size[0]}x{size[1]} but the image is "
+                            f"{image_size[0]}x{image_size[1]}; save the mask at the image's size")
     return problems
 
 
@@ -327,33 +333,33 @@ def _scan(path: Path, check_files: bool) -> ValidationReport:
     except UnicodeDecodeError as e:
         return ValidationReport(path, [], [(0, f"not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8")])
     seen: dict[tuple, int] = {}
+    files: dict[int, list[FileRef]] = {}  # per line; a duplicate line's files are not checked twice
     for line, raw in enumerate(text.splitlines(), start=1):
         if not raw.strip():
             continue
-        record, found = _record(raw, line, base)
+        record, found, files[line] = _record(raw, line, base)
         problems.extend((line, msg) for msg in found)
         if record is None:
             continue
         key = (record.image, tuple(record.subjects))
         if key in seen:
             problems.append((line, f"duplicate of line {seen[key]} (same image and same subjects); drop one"))
+            files[line] = []
             continue
         seen[key] = line
         parsed.append(record)
-    if not parsed and not problems:
+    if not files and not problems:
         problems.append((0, "no records: the manifest is empty; write one JSON object per line"))
     sizes: list[tuple[int, int] | None] = [None] * len(parsed)
-    if check_files and parsed:
-        files = [p for r in parsed for p in (r.image, *(m for s in r.subjects for m in (s.mask, *s.references)))]
-        probed = _probe_all([p for p in files if p is not None])
-        good, good_sizes = [], []
-        for record in parsed:
-            found = _file_problems(record, probed, base)
-            problems.extend((record.line, msg) for msg in found)
-            if not found:
-                good.append(record)
-                good_sizes.append(probed[record.image][0])
-        parsed, sizes = good, good_sizes
+    if check_files:
+        probed = _probe_all([path for refs in files.values() for _, path, _ in refs])
+        bad_lines = set()
+        for line, refs in files.items():
+            found = _file_problems(refs, probed, base)
+            problems.extend((line, msg) for msg in found)
+            bad_lines.update([line] if found else [])
+        parsed = [r for r in parsed if r.line not in bad_lines]
+        sizes = [probed[r.image][0] for r in parsed]
     problems.sort(key=lambda p: p[0])
     return ValidationReport(path, parsed, problems, sizes)
 

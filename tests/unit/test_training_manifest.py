@@ -173,6 +173,13 @@ def test_every_bad_record_is_reported_with_its_line_in_one_error(dataset):
     assert not report.ok and [r.line for r in report.records] == [1, len(lines)]
 
 
+def test_a_line_with_a_bad_field_still_has_its_files_checked(dataset):
+    record = _subject(_with(GOOD, image="images/missing.jpg"), 1, box=[0, 0, 2, 1])
+    with pytest.raises(ManifestError) as info:
+        read_manifest(_write(dataset, [record]))
+    assert [msg.split(":")[0] for _, msg in info.value.problems] == ["subject 2 box", "image images/missing.jpg"]
+
+
 def test_duplicate_names_the_earlier_line(dataset):
     same_subjects = _with(GOOD, caption="a dog and a teapot, again")  # another caption does not make it new
     moved = _subject(GOOD, 0, box=[0.1, 0.3, 0.45, 0.95])  # another box does

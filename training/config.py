@@ -210,11 +210,17 @@ class Config:
     """A validated training config; ``to_dict()`` is the same config as plain values (saved next to checkpoints)."""
 
     model: ModelConfig
+    """[model]: the frozen SDXL checkpoint, CLIP vision and DINO encoders, and the ComfyUI to load them with."""
     method: MethodConfig
+    """[method]: r3, ms-diffusion or multipersona, and the alignment loss and refiner schedule."""
     data: DataConfig
+    """[data]: the manifest, the training resolution and the feature cache."""
     train: TrainConfig
+    """[train]: steps, optimiser, precision, checkpoints, samples and resuming."""
     adapter: AdapterConfig = AdapterConfig()
+    """[adapter]: the sizes of a new adapter (MS-Diffusion's by default)."""
     dropout: DropoutConfig = DropoutConfig()
+    """[dropout]: classifier-free-guidance dropout rates."""
     samples: tuple[SampleCase, ...] = ()
     """The [[sample]] cases (key "sample" in the file and in to_dict)."""
 

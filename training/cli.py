@@ -1,0 +1,104 @@
+"""``python troupe_train.py``: train an adapter, validate a dataset manifest, or build one from a folder.
+
+    python troupe_train.py train config.toml                         # 1 CPU or 1 GPU
+    accelerate launch --num_processes 4 troupe_train.py train config.toml   # 4 GPUs (add --num_machines/--machine_rank
+                                                                     #  --main_process_ip for several nodes)
+    python troupe_train.py validate data/manifest.jsonl
+    python troupe_train.py make-manifest photos/ --out data/manifest.jsonl --label dog
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .config import Config, ConfigError, load_config
+from .manifest import ManifestError, build_manifest, validate_manifest
+
+
+def _resolve(kind: str, name: str, key: str) -> str:
+    """A config value that is a path, or a file name in one of ComfyUI's model folders."""
+    import folder_paths
+
+    if os.path.exists(name):
+        return name
+    path = folder_paths.get_full_path(kind, name)
+    if path is None:
+        known = ", ".join(folder_paths.get_filename_list(kind)[:8]) or "none"
+        raise ConfigError(f"{key}: {name!r} is neither a file nor a name in models/{kind} (found there: {known}); give "
+                          "a path or copy the file into that folder")
+    return path
+
+
+def load_components(config: Config):
+    """The frozen models the config names, through ComfyUI's own loaders (any SDXL checkpoint ComfyUI loads)."""
+    import comfy.clip_vision
+    import comfy.sd
+    import folder_paths
+
+    from ..models.adapter_file import detect_and_load, read_state_dict
+    from ..models.encoding.dino import load_hf_dino
+    from ..nodes import paths
+    from ..nodes.adapter import families
+    from .trainer import Components
+
+    paths.register_model_folders()
+    ckpt = _resolve("checkpoints", config.model.checkpoint, "model.checkpoint")
+    print(f"[troupe-train] loading {ckpt}")
+    patcher, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(
+        ckpt, output_vae=True, output_clip=True, embedding_directory=folder_paths.get_folder_paths("embeddings"))
+    if not hasattr(patcher.model.diffusion_model, "input_blocks"):
+        raise ConfigError(f"model.checkpoint: {ckpt} is not an SDXL checkpoint (its model is a "
+                          f"{type(patcher.model.diffusion_model).__name__}); the SDXL methods train on SDXL")
+    clip_vision = comfy.clip_vision.load(_resolve("clip_vision", config.model.clip_vision, "model.clip_vision"))
+    dino = None
+    if config.model.dino:
+        folder = config.model.dino if os.path.isdir(config.model.dino) else paths.hf_folder_path("dino", config.model.dino)
+        dino = load_hf_dino(folder)
+    initial = None
+    if config.method.init_adapter:
+        name = config.method.init_adapter
+        path = name if os.path.exists(name) else paths.full_path("troupe_train", "method.init_adapter",
+                                                                 paths.ADAPTER_FOLDERS, name)
+        adapter = detect_and_load(read_state_dict(path), families(), filename=os.path.basename(path))
+        if adapter.family != "sdxl":
+            raise ConfigError(f"method.init_adapter: {name} is a {adapter.family} adapter; the SDXL methods continue an "
+                              "MS-Diffusion or R^3 file")
+        initial = adapter.module
+    return Components(base_model=patcher.model, clip=clip, vae=vae, clip_vision=clip_vision, dino=dino,
+                      initial_adapter=initial, owned=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="troupe_train.py", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--comfyui", default=None, help="the ComfyUI folder (default: the one this pack is installed in)")
+    sub = ap.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train (or resume) the adapter a TOML config describes")
+    t.add_argument("config", type=Path)
+    v = sub.add_parser("validate", help="check every record of a JSONL manifest and print a summary")
+    v.add_argument("manifest", type=Path)
+    m = sub.add_parser("make-manifest", help="a manifest from a folder of single-subject images with captions")
+    m.add_argument("folder", type=Path)
+    m.add_argument("--out", type=Path, required=True)
+    m.add_argument("--label", default=None, help="the subject word, when the images have no name.json sidecar")
+    args = ap.parse_args(argv)
+    if args.command == "validate":
+        report = validate_manifest(args.manifest)
+        print(report.summary())
+        return 0 if report.ok else 1
+    if args.command == "make-manifest":
+        n = build_manifest(args.folder, args.out, label=args.label)
+        print(f"{args.out}: {n} records")
+        return 0 if n else 1
+    try:
+        config = load_config(args.config)
+        from .trainer import train
+
+        result = train(config, load_components(config))
+    except (ConfigError, ManifestError, FileNotFoundError) as e:
+        print(f"troupe_train: {e}", file=sys.stderr)
+        return 2
+    print(f"[troupe-train] {result.steps} steps; adapter: {result.adapter_path}; curves: {result.curves}")
+    return 0

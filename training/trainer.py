@@ -1,0 +1,486 @@
+"""The training loop on HF ``accelerate``: one code path for 1 CPU, 1 GPU, N GPUs or N nodes.
+
+The engine handles devices, DDP, mixed precision and gradient accumulation; this loop adds what makes a run
+reproducible and resumable:
+
+- **data order**: a seeded permutation per epoch over the manifest; the global batch of step s is the same whatever
+  the number of processes (process r takes its ``batch_size`` slice of it), so 2 processes with batch 2 see the
+  same records as 1 process with batch 4;
+- **per-sample draws** (noise, timestep, which reference, CFG dropout) come from a generator seeded by the run's
+  seed and the sample's position in the data stream, never from a process's RNG;
+- **checkpoints** (``accelerator.save_state``) hold the trained modules, optimiser, scheduler and RNG states, plus
+  ``trainer_state.json`` with the step (the data position) and the adapter file at that step; ``resume`` continues
+  the same data order.
+
+What a user watches: a progress bar (loss, step time, ETA), ``log.csv`` and ``curves.png`` rewritten at every
+checkpoint, sample grids (``samples/step-XXXXXX.png``) every ``sample_every`` steps, optional TensorBoard.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import hashlib
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..models.sdxl.adapter import SdxlAdapter
+from ..models.sdxl.formats import save_sdxl_adapter
+from .config import Config
+from .data import Encoders, FeatureStore
+from .manifest import read_manifest
+from .sdxl import (
+    FrozenSdxl,
+    Sample,
+    SdxlTrainModule,
+    adapter_for_method,
+    align_modules,
+    attn2_widths,
+    enable_gradient_checkpointing,
+    phase_schedule,
+)
+
+STATE_FILE = "trainer_state.json"
+CHECKPOINT_PREFIX = "checkpoint-"
+LOG_FIELDS = ("step", "loss", "diffusion", "align", "cos_cross", "cos_self", "alpha", "align_weight", "lr",
+              "step_seconds", "eval_diffusion")
+EVAL_SAMPLES = 8  # the fixed evaluation batch: the same records, noise and timesteps at every checkpoint
+EVAL_STREAM = 1 << 40  # its positions lie far beyond any training position, so its draws are its own
+
+
+class TrainingInterrupted(Exception):
+    """Raised after an interruption left a resumable checkpoint (``checkpoint`` is its folder)."""
+
+    def __init__(self, checkpoint: Path):
+        super().__init__(f"training interrupted; resume from {checkpoint}")
+        self.checkpoint = checkpoint
+
+
+@dataclass
+class Components:
+    """The frozen models a run trains against (ComfyUI objects) and the adapter it starts from.
+
+    ``base_model`` is a ComfyUI ``BaseModel`` (``ModelPatcher.model``). Unless ``owned``, the trainer works on a
+    deep copy, so the user's graph never sees gradient checkpointing, a dtype change or a device move.
+    """
+
+    base_model: object
+    clip: object
+    vae: object
+    clip_vision: object
+    dino: object | None = None
+    initial_adapter: SdxlAdapter | None = None
+    owned: bool = False
+
+
+@dataclass
+class TrainResult:
+    adapter_path: Path
+    steps: int
+    log: list[dict] = field(default_factory=list)
+    curves: Path | None = None
+    last_samples: Path | None = None
+    checkpoint: Path | None = None
+
+
+# --------------------------------------------------------------------------- reproducible data stream
+
+
+def sample_seed(seed: int, position: int) -> int:
+    """The seed of the draws of the sample at ``position`` of the data stream."""
+    digest = hashlib.sha256(f"troupe-train/{seed}/{position}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def record_index(seed: int, position: int, n: int) -> int:
+    """Which record sits at ``position``: a seeded permutation of the manifest per epoch."""
+    epoch, offset = divmod(position, n)
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return int(torch.randperm(n, generator=gen)[offset])
+
+
+def positions(step: int, micro: int, grad_accum: int, batch_size: int, rank: int, world: int) -> list[int]:
+    """The data-stream positions this process trains on at (optimiser step, micro-batch)."""
+    start = (step * grad_accum + micro) * batch_size * world + rank * batch_size
+    return list(range(start, start + batch_size))
+
+
+def lr_lambda(schedule: str, warmup: int, total: int, delay: int = 0) -> Callable[[int], float]:
+    """The learning-rate factor at a step: linear warm-up, then constant, cosine or linear decay; 0 before
+    ``delay`` (R^3-Adapter A.1: the refiner stays frozen during phase 1)."""
+
+    def f(step: int) -> float:
+        if step < delay:
+            return 0.0
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.5 * (1.0 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
+
+    return f
+
+
+# --------------------------------------------------------------------------- the run
+
+
+class Trainer:
+    """One training run (``train`` below is the entry point)."""
+
+    def __init__(self, config: Config, components: Components, *, progress: Callable[[int, int, dict], None] | None = None,
+                 interrupted: Callable[[], bool] | None = None, show_bar: bool = True):
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+
+        self.config = config
+        self.progress = progress
+        self.interrupted = interrupted
+        self.show_bar = show_bar
+        reset_engine_state()
+        t = config.train
+        self.out = Path(t.output_dir)
+        mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[t.precision]
+        cpu = not torch.cuda.is_available()
+        if cpu and mixed == "fp16":
+            mixed = "no"  # fp16 autocast is a GPU feature; bf16 works on CPU
+        self.acc = Accelerator(
+            mixed_precision=mixed, gradient_accumulation_steps=t.grad_accum, cpu=cpu,
+            step_scheduler_with_optimizer=False, log_with="tensorboard" if t.tensorboard else None,
+            project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "tensorboard")),
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+        self.main = self.acc.is_main_process
+        self.records = read_manifest(config.data.manifest)
+        self._setup_models(components)
+        self._setup_data(components)
+        self._setup_optimiser()
+        self.step = 0
+        self.log: list[dict] = []
+        self.last_samples: Path | None = None
+
+    # ---------------------------------------------------------------- set-up
+
+    def _setup_models(self, c: Components) -> None:
+        cfg = self.config
+        with torch.inference_mode(False):
+            base = c.base_model if c.owned else copy.deepcopy(c.base_model)  # a normal tensor copy, ours alone
+        base.requires_grad_(False)
+        base.eval()
+        device = self.acc.device
+        base.to(device)
+        if cfg.train.gradient_checkpointing:
+            enable_gradient_checkpointing(base.diffusion_model)
+        self.base_model = base
+        self.frozen = FrozenSdxl(base, device, dtype=base.get_dtype(), attention=comfy_attention())
+        initial = c.initial_adapter
+        adapter = adapter_for_method(cfg.method.name, initial, base.diffusion_model, cfg.adapter, cfg.train.seed)
+        adapter.to(device)
+        widths = attn2_widths(base.diffusion_model)
+        modules = align_modules(cfg.method.align_blocks)
+        align_widths = sorted({w[1] for k, w in widths.items() if (k[0], k[1]) in modules})
+        dino_dim = None
+        if c.dino is not None:
+            dino_dim = int(probe_dino_width(c.dino))
+        self.module = SdxlTrainModule(adapter, cfg.method.name, dino_dim=dino_dim, align_widths=align_widths,
+                                      align_blocks=cfg.method.align_blocks,
+                                      projection_width=cfg.method.projection_width,
+                                      projector_dropout=cfg.method.projector_dropout, seed=cfg.train.seed).to(device)
+
+    def _setup_data(self, c: Components) -> None:
+        cfg = self.config
+        adapter = self.module.adapter
+        cache = cfg.data.cache_dir or (Path(cfg.train.output_dir) / "cache")
+        dino = c.dino if self.module.aligns else None
+        self.encoders = Encoders(vae=c.vae, clip=c.clip, clip_vision=c.clip_vision, dino=dino,
+                                 image_crop=adapter.trained_crop)
+        self.store = FeatureStore(self.records, self.encoders, Path(cache), cfg.data.resolution,
+                                  cfg.data.dino_resolution,
+                                  image_features=lambda f: adapter.image_features(f.for_crop(adapter.trained_crop)))
+        if self.main:
+            bar = self._bar(len(self.records), "caching features")
+            self.store.fill(progress=lambda done, total: bar.update(1) if bar else None)
+            if bar:
+                bar.close()
+        self.acc.wait_for_everyone()
+        self.empty = self.store.empty_text()
+        self.layouts = [self.store.layout(i) for i in range(len(self.records))]
+
+    def _setup_optimiser(self) -> None:
+        cfg = self.config
+        t = cfg.train
+        refiner = [p for n, p in self.module.named_parameters() if n.startswith("adapter.refiner.")]
+        ids = {id(p) for p in refiner}
+        rest = [p for p in self.module.parameters() if id(p) not in ids and p.requires_grad]
+        groups = [{"params": rest}]
+        lambdas = [lr_lambda(t.lr_schedule, t.warmup_steps, t.steps)]
+        if refiner:
+            groups.append({"params": refiner})
+            delay = cfg.method.phase1_steps if cfg.method.name == "r3" else 0
+            lambdas.append(lr_lambda(t.lr_schedule, t.warmup_steps, t.steps, delay=delay))
+        optimiser = torch.optim.AdamW(groups, lr=t.learning_rate, weight_decay=t.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, lambdas)
+        self.module, self.optimiser, self.scheduler = self.acc.prepare(self.module, optimiser, scheduler)
+
+    # ---------------------------------------------------------------- the data stream
+
+    def sample_at(self, position: int) -> Sample:
+        cfg = self.config
+        n = len(self.records)
+        i = record_index(cfg.train.seed, position, n)
+        feats = self.store.features(i)
+        layout, adm_size = self.layouts[i]
+        gen = torch.Generator().manual_seed(sample_seed(cfg.train.seed, position))
+        latent = feats["latent"]
+        noise = torch.randn(latent.shape, generator=gen)
+        timestep = int(torch.randint(0, len(self.frozen.sigmas), (1,), generator=gen))
+        counts = [int(c) for c in feats["counts"].tolist()]
+        starts = [sum(counts[:j]) for j in range(len(counts))]
+        pick = [s + int(torch.randint(0, c, (1,), generator=gen)) for s, c in zip(starts, counts)]
+        d = cfg.dropout
+        u = float(torch.rand((), generator=gen))  # one draw: text only, image only, both, or neither dropped
+        drop_text = u < d.text or d.text + d.image <= u < d.text + d.image + d.both
+        drop_image = d.text <= u < d.text + d.image or d.text + d.image <= u < d.text + d.image + d.both
+        text = self.empty if drop_text else feats
+        return Sample(latent=latent, context=text["context"], pooled=text["pooled"], adm_size=adm_size,
+                      layout=layout, image_features=feats["features"][pick], phrases=feats["phrases"],
+                      dino_cls=feats.get("cls"), dino_patch_mean=feats.get("patch_mean"), noise=noise,
+                      timestep=timestep, drop_image=drop_image)
+
+    def evaluate(self) -> float:
+        """The diffusion loss of a fixed batch (records, noise, timesteps and dropout all fixed; no image or text
+        dropped): a curve without the step-to-step sampling noise of the training loss."""
+        samples = [self.sample_at(EVAL_STREAM + i) for i in range(EVAL_SAMPLES)]
+        for s in samples:
+            s.drop_image = False
+        module = self.unwrapped()
+        was = module.training
+        module.eval()
+        try:
+            with torch.no_grad():
+                alpha, _ = phase_schedule(max(self.step - 1, 0), self.config.method.name,
+                                          self.config.method.phase1_steps, self.config.method.ramp_steps, 0.0)
+                value = float(module(self.frozen, samples, alpha, 0.0)["diffusion"])
+        finally:
+            module.train(was)
+        return value
+
+    def batch(self, step: int, micro: int) -> list[Sample]:
+        t = self.config.train
+        pos = positions(step, micro, t.grad_accum, t.batch_size, self.acc.process_index, self.acc.num_processes)
+        return [self.sample_at(p) for p in pos]
+
+    # ---------------------------------------------------------------- the loop
+
+    def run(self) -> TrainResult:
+        cfg = self.config
+        t = cfg.train
+        self._maybe_resume()
+        if t.tensorboard:
+            self.acc.init_trackers("troupe", config=flat_config(cfg))
+        if self.step == 0:
+            self.log.append({"step": 0, "eval_diffusion": self.evaluate()})
+        bar = self._bar(t.steps, "training", initial=self.step)
+        last_checkpoint = None
+        while self.step < t.steps:
+            began = time.perf_counter()
+            alpha, lam = phase_schedule(self.step, cfg.method.name, cfg.method.phase1_steps, cfg.method.ramp_steps,
+                                        cfg.method.align_weight)
+            sums: dict[str, float] = {}
+            for micro in range(t.grad_accum):
+                with self.acc.accumulate(self.module):
+                    out = self.module(self.frozen, self.batch(self.step, micro), alpha, lam)
+                    self.acc.backward(out["loss"])
+                    if self.acc.sync_gradients and t.max_grad_norm > 0:
+                        self.acc.clip_grad_norm_(self.module.parameters(), t.max_grad_norm)
+                    self.optimiser.step()  # the engine skips it until the last micro-batch
+                    if self.acc.sync_gradients:
+                        self.scheduler.step()
+                    self.optimiser.zero_grad(set_to_none=True)
+                for k, v in out.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach()) / t.grad_accum
+            row = self._row(sums, alpha, lam, time.perf_counter() - began)
+            self.step += 1
+            self.log.append(row)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{row['loss']:.4f}", step_s=f"{row['step_seconds']:.2f}")
+            if t.tensorboard:
+                self.acc.log({k: v for k, v in row.items() if k != "step" and v != ""}, step=self.step)
+            if self.progress is not None:
+                self.progress(self.step, t.steps, row)
+            done = self.step >= t.steps
+            if done or self.step % t.checkpoint_every == 0:
+                row["eval_diffusion"] = self.evaluate()
+                last_checkpoint = self.save_checkpoint()
+            if t.sample_every and cfg.samples and (done or self.step % t.sample_every == 0):
+                self.write_samples()
+            if not done and self.interrupted is not None and self.interrupted():
+                raise TrainingInterrupted(self.save_checkpoint())
+        if bar is not None:
+            bar.close()
+        final = self.out / f"{self.out.name}.safetensors"
+        if self.main:
+            self.save_adapter(final)
+        self.acc.wait_for_everyone()
+        if t.tensorboard:
+            self.acc.end_training()
+        return TrainResult(adapter_path=final, steps=self.step, log=list(self.log), curves=self.out / "curves.png",
+                           last_samples=self.last_samples, checkpoint=last_checkpoint)
+
+    def _row(self, sums: dict[str, float], alpha: float, lam: float, seconds: float) -> dict:
+        keys = ("loss", "diffusion", "align", "cos_cross", "cos_self")
+        local = torch.tensor([sums.get(k, float("nan")) for k in keys], device=self.acc.device)
+        mean = self.acc.reduce(local, reduction="mean").cpu().tolist()  # the global batch's mean
+        row = {"step": self.step + 1, **{k: v for k, v in zip(keys, mean)}}
+        row.update(alpha=alpha, align_weight=lam, lr=self.scheduler.get_last_lr()[0], step_seconds=seconds)
+        return row
+
+    # ---------------------------------------------------------------- saving
+
+    def unwrapped(self) -> SdxlTrainModule:
+        return self.acc.unwrap_model(self.module)
+
+    def save_adapter(self, path: Path) -> None:
+        """The adapter as a ``TroupeLoadAdapter`` file (the refiner's alpha set to this step's warm-up value)."""
+        adapter = self.unwrapped().adapter
+        if adapter.refiner is not None:
+            alpha, _ = phase_schedule(max(self.step - 1, 0), self.config.method.name, self.config.method.phase1_steps,
+                                      self.config.method.ramp_steps, self.config.method.align_weight)
+            adapter.refiner.alpha.fill_(alpha)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_sdxl_adapter(str(path), adapter)
+
+    def save_checkpoint(self) -> Path:
+        folder = self.out / f"{CHECKPOINT_PREFIX}{self.step:07d}"
+        self.acc.save_state(str(folder))
+        if self.main:
+            self.save_adapter(folder / "adapter.safetensors")
+            state = {"step": self.step, "data_position": self.step * self.config.train.grad_accum *
+                     self.config.train.batch_size * self.acc.num_processes, "config": self.config.to_dict()}
+            (folder / STATE_FILE).write_text(json.dumps(state, indent=1), encoding="utf-8")
+            self.write_log()
+            self._prune()
+        self.acc.wait_for_everyone()
+        return folder
+
+    def _prune(self) -> None:
+        keep = self.config.train.keep_checkpoints
+        found = sorted(checkpoints(self.out))
+        for old in found[:-keep] if keep else []:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def write_log(self) -> None:
+        from .report import plot_curves
+
+        path = self.out / "log.csv"
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=LOG_FIELDS)
+            w.writeheader()
+            for row in self.log:
+                w.writerow({k: row.get(k, "") for k in LOG_FIELDS})
+        plot_curves(self.log, self.out / "curves.png", title=f"{self.config.method.name}: {self.out.name}")
+
+    def _maybe_resume(self) -> None:
+        resume = self.config.train.resume
+        if not resume:
+            return
+        folder = latest_checkpoint(self.out) if resume == "latest" else Path(resume)
+        if folder is None:
+            if self.main:
+                print(f"[troupe-train] resume = latest: no checkpoint in {self.out} yet, starting at step 0")
+            return
+        if not (folder / STATE_FILE).exists():
+            raise FileNotFoundError(f"train.resume: {folder} is not a checkpoint folder (no {STATE_FILE})")
+        self.acc.load_state(str(folder))
+        state = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
+        self.step = int(state["step"])
+        log = self.out / "log.csv"
+        if log.exists():
+            with open(log, encoding="utf-8") as f:
+                self.log = [{k: _num(v) for k, v in row.items()} for row in csv.DictReader(f)
+                            if int(row["step"]) <= self.step]
+
+    # ---------------------------------------------------------------- samples and bars
+
+    def write_samples(self) -> None:
+        from .samples import sample_grid
+
+        if self.main:
+            path = self.out / "samples" / f"step-{self.step:07d}.png"
+            sample_grid(self, path)
+            self.last_samples = path
+        self.acc.wait_for_everyone()
+
+    def _bar(self, total: int, what: str, initial: int = 0):
+        if not (self.main and self.show_bar):
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, initial=initial, desc=what, unit="step" if what == "training" else "record")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _num(v: str):
+    try:
+        return float(v) if v not in ("", None) else ""
+    except ValueError:
+        return v
+
+
+def checkpoints(out: Path) -> list[Path]:
+    return [p for p in Path(out).glob(f"{CHECKPOINT_PREFIX}*") if (p / STATE_FILE).exists()]
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    found = sorted(checkpoints(out))
+    return found[-1] if found else None
+
+
+def reset_engine_state() -> None:
+    """Forget an earlier run's engine settings in this process (accelerate keeps them in singletons), so that a
+    second run in one ComfyUI session or test process gets its own precision and accumulation; never inside a
+    launched distributed run, whose process group the engine owns."""
+    import torch.distributed as dist
+    from accelerate.state import AcceleratorState, GradientState
+
+    if dist.is_available() and dist.is_initialized():
+        return
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def flat_config(cfg: Config) -> dict:
+    out = {}
+    for section, values in cfg.to_dict().items():
+        if isinstance(values, dict):
+            for k, v in values.items():
+                if isinstance(v, (int, float, str, bool)):
+                    out[f"{section}.{k}"] = v
+    return out
+
+
+def comfy_attention() -> Callable:
+    """ComfyUI's attention function (the user's backend), the text term's and the image term's."""
+    from comfy.ldm.modules.attention import optimized_attention
+
+    return optimized_attention
+
+
+def probe_dino_width(dino) -> int:
+    """The width of a DINO encoder's tokens, from one forward of a blank image of its input size."""
+    side = dino.square_size(224)
+    tokens = dino.tokens(torch.zeros(1, side, side, 3))
+    return int(tokens.cls.shape[-1])
+
+
+def train(config: Config, components: Components, **kw) -> TrainResult:
+    """Run (or resume) the training ``config`` describes on ``components``; returns the adapter file and the log."""
+    return Trainer(config, components, **kw).run()

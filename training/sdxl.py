@@ -365,12 +365,16 @@ class FrozenSdxl:
         if capture is not None:
             options["patches"]["attn1_output_patch"] = [capture.attn1_output]
         out = self.unet(xc.to(dt), timestep, context=context.to(dt), y=y.to(dt), transformer_options=options)
-        if self.v_prediction:
-            abar = 1.0 / (1.0 + sigma ** 2)
-            target = abar.sqrt()[:, None, None, None] * eps - (1.0 - abar).sqrt()[:, None, None, None] * x0
-        else:
-            target = eps
-        return out.float(), target
+        return out.float(), objective_target(self.v_prediction, sigma, x0, eps)
+
+
+def objective_target(v_prediction: bool, sigma: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """What the UNet should output for x_t = x0 + sigma * eps: eps (epsilon models) or, for v-prediction,
+    v = sqrt(abar) eps - sqrt(1 - abar) x0 with abar = 1 / (1 + sigma^2) (Salimans & Ho 2022, in ComfyUI's sigmas)."""
+    if not v_prediction:
+        return eps
+    abar = (1.0 / (1.0 + sigma.float() ** 2))[:, None, None, None]
+    return abar.sqrt() * eps - (1.0 - abar).sqrt() * x0
 
 
 def unet_transformer_blocks(unet) -> list[tuple[tuple[str, int, int], nn.Module]]:

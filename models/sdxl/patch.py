@@ -171,7 +171,7 @@ class RegionalAttentionPatch:
 
     def __init__(self, adapter: Any, tokens: torch.Tensor, layout: Layout, params: RegionalParams, *,
                  uncond_tokens: torch.Tensor | None = None, attention: AttentionFn = sdpa_attention,
-                 sigma_to_t: Callable[[float], float] | None = None) -> None:
+                 sigma_to_t: Callable[[float], float] | None = None, trainable: bool = False) -> None:
         if adapter.semantics not in SEMANTICS:
             raise ValueError(f"adapter semantics must be one of {SEMANTICS}, got {adapter.semantics!r}")
         if tokens.ndim != 4:
@@ -184,8 +184,11 @@ class RegionalAttentionPatch:
             uncond_tokens = None if uncond_tokens is None else uncond_tokens[:, :1]
         self.adapter = adapter
         self.semantics = adapter.semantics
-        self.tokens = tokens.detach()
-        self.uncond_tokens = None if uncond_tokens is None else uncond_tokens.detach()
+        # trainable (the training toolkit): tokens, K/V weights and the learned router keep their autograd graph
+        self.trainable = bool(trainable)
+        keep = (lambda x: x) if self.trainable else (lambda x: x.detach())
+        self.tokens = keep(tokens)
+        self.uncond_tokens = None if uncond_tokens is None else keep(uncond_tokens)
         self.layout = layout
         self.params = params
         self.subject_weights = tuple(params.subject_weights) or (1.0,) * n
@@ -217,7 +220,11 @@ class RegionalAttentionPatch:
         if key not in run:
             t = 1.0 if self.sigma_to_t is None else float(self.sigma_to_t(sigma))
             t = min(max(t, 0.0), 1.0)
-            run[key] = route_gates(self.adapter, t, self.params)[: self.num_levels]
+            learned = self.params.routing == "learned" and self.num_levels > 1
+            if self.trainable and learned:  # Eq. 5 of 000 with its gradient: the router trains end to end
+                run[key] = self.adapter.router(t).float().flatten()[: self.num_levels]
+            else:
+                run[key] = route_gates(self.adapter, t, self.params)[: self.num_levels]
         return run[key]
 
     # ---------------------------------------------------------------- per-run cache
@@ -227,8 +234,11 @@ class RegionalAttentionPatch:
         ck = ("kv", key, device, dtype)
         if ck not in run:
             to_k, to_v = self.adapter.kv(key)
-            wk = to_k.weight.detach().to(device=device, dtype=torch.float32)
-            wv = to_v.weight.detach().to(device=device, dtype=torch.float32)
+            wk, wv = to_k.weight, to_v.weight
+            if not self.trainable:
+                wk, wv = wk.detach(), wv.detach()
+            wk = wk.to(device=device, dtype=torch.float32)
+            wv = wv.to(device=device, dtype=torch.float32)
 
             def proj(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
                 x = x.to(device=device, dtype=torch.float32)

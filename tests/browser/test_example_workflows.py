@@ -2,6 +2,7 @@
 the graph starts clear of the sidebar, and the README's picture is a real screenshot of the demo workflow."""
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -141,3 +142,44 @@ def test_readme_picture(page, comfy_server, artifacts):
     page.screenshot(path=str(out), clip=rect)
     assert out.stat().st_size < 300_000
     assert not page.troupe_errors, page.troupe_errors
+
+
+# What the frontend derives from a custom node's template file name (it reads nothing else: docs/template-browser.md)
+CARD_TEXT = """(name) => {
+    const card = document.querySelector(`[data-testid='template-workflow-${name}']`);
+    if (!card) return null;
+    const img = card.querySelector('img');
+    return {title: card.querySelector('h3')?.textContent.trim(), description: card.querySelector('p')?.textContent.trim(),
+            thumbnail: img && img.naturalWidth > 0 && !img.src.includes('default-template')};  // ours, not the placeholder
+}"""
+
+
+def test_the_template_browser_lists_every_workflow_with_its_thumbnail(page, comfy_server, artifacts):
+    """Workflow -> Browse Templates -> Extensions -> ComfyUI-Troupe: one card per example workflow with its thumbnail
+    decoded; the card's title and description are the file name (frontends 1.32 and 1.49 read no title or
+    description for a custom node's templates), and no stray card (an ``index.json`` would show as one)."""
+    module = next(m for m, names in comfy_server.get("/workflow_templates").json().items() if "layout_basics" in names)
+    page.evaluate("() => app.extensionManager.command.execute('Comfy.BrowseTemplates')")
+    try:
+        page.get_by_role("dialog").get_by_text(module, exact=True).first.click(timeout=WAIT_MS)
+        names = [p.stem for p in WORKFLOWS if isinstance(json.loads(p.read_text()), dict)]  # workflows, not an index
+        page.wait_for_selector(f"[data-testid='template-workflow-{names[0]}']", timeout=WAIT_MS)
+        page.wait_for_timeout(500)
+        page.screenshot(path=str(artifacts / "template_browser.png"))
+        cards = {}
+        for name in names:  # thumbnails load as their card scrolls into view
+            card = page.locator(f"[data-testid='template-workflow-{name}']")
+            card.scroll_into_view_if_needed(timeout=WAIT_MS)
+            with contextlib.suppress(sync_api.TimeoutError):  # the card's own thumbnail (a blob), or the placeholder
+                page.wait_for_function("(n) => document.querySelector(`[data-testid='template-workflow-${n}'] img`)"
+                                       "?.src.startsWith('blob:')", arg=name, timeout=10_000)
+            cards[name] = page.evaluate(CARD_TEXT, name)
+        shown = page.evaluate("() => [...document.querySelectorAll(\"[data-testid^='template-workflow-']\")]"
+                              ".map(e => e.dataset.testid.replace('template-workflow-', ''))")
+    finally:  # the page is shared by the later browser tests: close the dialog (its X; Escape leaves it open)
+        page.locator("[role=dialog] button:has(.pi-times)").first.click(timeout=WAIT_MS)
+        page.wait_for_function("() => !document.querySelector(\"[data-testid='template-workflows-content']\")",
+                               timeout=WAIT_MS)
+    assert sorted(shown) == sorted(names), shown
+    for name, card in cards.items():
+        assert card == {"title": name, "description": name.replace("_", " "), "thumbnail": True}, (name, card)

@@ -16,6 +16,7 @@ from .reference_branch import TroupeAttentionMaskPreview, TroupeReferenceBranch
 from .sdxl import TroupeApplySDXL
 from .sdxl_routing import TroupeRoutingPreview
 from .subjects import TroupeSubject, TroupeSubjectList
+from .train import TroupeTrainAdapter
 
 NODES: list[type[io.ComfyNode]] = [
     TroupeSubject,
@@ -40,6 +41,7 @@ NODES: list[type[io.ComfyNode]] = [
     TroupeFidelity,
     TroupeAttentionMaps,
     TroupeAttentionMapsRender,
+    TroupeTrainAdapter,
 ]
 
 

@@ -400,6 +400,8 @@ def train_adapter(model, clip, vae, clip_vision, s: TrainSettings) -> TrainOutco
             trainer = Trainer(config, components, progress=lambda step, total, row: bar.update_absolute(step, total),
                               interrupted=comfy.model_management.processing_interrupted, show_bar=False)
             result = trainer.run()
+    except ConfigError as e:  # what the trainer checks itself (e.g. tensorboard = true without the package)
+        raise config_error(e, own_sample=False) from None
     except TrainingInterrupted as e:  # the trainer saw Cancel between two steps and saved a checkpoint
         log_cancel(e.checkpoint)
         comfy.model_management.interrupt_current_processing(False)

@@ -1,7 +1,7 @@
 """The ComfyUI-Troupe training command; run it with the Python that runs ComfyUI (see docs/training.md).
 
     python custom_nodes/ComfyUI-Troupe/troupe_train.py train my_run.toml
-    accelerate launch --num_processes 4 custom_nodes/ComfyUI-Troupe/troupe_train.py train my_run.toml
+    accelerate launch --multi_gpu --num_processes 4 custom_nodes/ComfyUI-Troupe/troupe_train.py train my_run.toml
 
 It finds ComfyUI (``--comfyui PATH``, else ``$COMFYUI_PATH``, else the folder this pack is installed in), makes its
 ``comfy`` package and model folders importable, and runs ``training.cli``.

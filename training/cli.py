@@ -1,8 +1,9 @@
 """``python troupe_train.py``: train an adapter, validate a dataset manifest, or build one from a folder.
 
-    python troupe_train.py train config.toml                         # 1 CPU or 1 GPU
-    accelerate launch --num_processes 4 troupe_train.py train config.toml   # 4 GPUs (add --num_machines/--machine_rank
-                                                                     #  --main_process_ip for several nodes)
+    python troupe_train.py train config.toml                                        # 1 CPU or 1 GPU
+    accelerate launch --multi_gpu --num_processes 4 troupe_train.py train config.toml  # 4 GPUs (--num_machines,
+                                                                          # --machine_rank, --main_process_ip: nodes)
+    torchrun --nproc_per_node 2 troupe_train.py train config.toml                   # 2 CPU processes (gloo)
     python troupe_train.py validate data/manifest.jsonl
     python troupe_train.py make-manifest photos/ --out data/manifest.jsonl --label dog
 """

@@ -201,6 +201,20 @@ class TrainingAttention:
         self.capture = capture
         self.attention = attention
 
+    def prepare(self, keys, device, dtypes) -> None:
+        """Compute every sample's K/V per layer and its level gates before the UNet runs.
+
+        Gradient checkpointing recomputes each block in the backward pass; work cached on the first call would be
+        skipped in the recomputation (a different graph), so what the run caches is built outside the blocks.
+        """
+        for patch, run, sigma in zip(self.patches, self.runs, self.sigmas):
+            if patch is None:
+                continue
+            for dtype in dtypes:
+                for key in keys:
+                    patch.projections(run, key, device, dtype)
+                patch.token_scales(run, sigma, device, dtype)
+
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
         heads = extra_options["n_heads"]
         block = extra_options["block"]
@@ -360,7 +374,12 @@ class FrozenSdxl:
         timestep = self.sampling.timestep(sigma).float()
         context = lcm_context([s.context.float() for s in samples]).to(dev)
         y = self.adm(samples).to(dev)
-        patches = {"attn2": {key: attn for key in attn2_keys(self.unet)}}
+        keys = attn2_keys(self.unet)
+        dtypes = {dt}
+        if torch.is_autocast_enabled(dev.type):  # the attention then runs in the autocast dtype
+            dtypes.add(torch.get_autocast_dtype(dev.type))
+        attn.prepare(keys, dev, dtypes)
+        patches = {"attn2": {key: attn for key in keys}}
         options: dict = {"patches_replace": patches, "patches": {}}
         if capture is not None:
             options["patches"]["attn1_output_patch"] = [capture.attn1_output]
@@ -417,6 +436,10 @@ def enable_gradient_checkpointing(unet) -> int:
         def wrapped(*args, _inner=inner, **kwargs):
             if not torch.is_grad_enabled():
                 return _inner(*args, **kwargs)
+            # the UNet keeps updating one transformer_options dict ("block", "block_index") as it goes: the
+            # recomputation in the backward pass must see this block's values, so it gets a snapshot
+            args = tuple(dict(a) if isinstance(a, dict) else a for a in args)
+            kwargs = {k: dict(v) if isinstance(v, dict) else v for k, v in kwargs.items()}
             return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
 
         module.forward = wrapped

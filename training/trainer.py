@@ -145,6 +145,14 @@ class Trainer:
         self.show_bar = show_bar
         reset_engine_state()
         t = config.train
+        if t.tensorboard:
+            from accelerate.utils import is_tensorboard_available
+
+            if not is_tensorboard_available():
+                from .config import ConfigError
+
+                raise ConfigError("train.tensorboard: TensorBoard logging needs the tensorboard package; install it "
+                                  "in ComfyUI's Python (pip install tensorboard) or set tensorboard = false")
         self.out = Path(t.output_dir)
         mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[t.precision]
         cpu = not torch.cuda.is_available()

@@ -93,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         n = build_manifest(args.folder, args.out, label=args.label)
         print(f"{args.out}: {n} records")
         return 0 if n else 1
+    from .trainer import TrainingInterrupted
+
     try:
         config = load_config(args.config)
         from .trainer import train
@@ -101,5 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ManifestError, FileNotFoundError) as e:
         print(f"troupe_train: {e}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as e:
+        print(f"troupe_train: interrupted; the state is saved in {e.checkpoint}; run again with "
+              "train.resume = \"latest\" to continue", file=sys.stderr)
+        return 130
     print(f"[troupe-train] {result.steps} steps; adapter: {result.adapter_path}; curves: {result.curves}")
     return 0

@@ -21,6 +21,7 @@ import copy
 import csv
 import hashlib
 import json
+import logging
 import math
 import shutil
 import time
@@ -46,6 +47,7 @@ from .sdxl import (
     phase_schedule,
 )
 
+LOG = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.json"
 CHECKPOINT_PREFIX = "checkpoint-"
 LOG_FIELDS = ("step", "loss", "diffusion", "align", "cos_cross", "cos_self", "alpha", "align_weight", "lr",
@@ -295,41 +297,46 @@ class Trainer:
             self.log.append({"step": 0, "eval_diffusion": self.evaluate()})
         bar = self._bar(t.steps, "training", initial=self.step)
         last_checkpoint = None
-        while self.step < t.steps:
-            began = time.perf_counter()
-            alpha, lam = phase_schedule(self.step, cfg.method.name, cfg.method.phase1_steps, cfg.method.ramp_steps,
-                                        cfg.method.align_weight)
-            sums: dict[str, float] = {}
-            for micro in range(t.grad_accum):
-                with self.acc.accumulate(self.module):
-                    out = self.module(self.frozen, self.batch(self.step, micro), alpha, lam)
-                    self.acc.backward(out["loss"])
-                    if self.acc.sync_gradients and t.max_grad_norm > 0:
-                        self.acc.clip_grad_norm_(self.module.parameters(), t.max_grad_norm)
-                    self.optimiser.step()  # the engine skips it until the last micro-batch
-                    if self.acc.sync_gradients:
-                        self.scheduler.step()
-                    self.optimiser.zero_grad(set_to_none=True)
-                for k, v in out.items():
-                    sums[k] = sums.get(k, 0.0) + float(v.detach()) / t.grad_accum
-            row = self._row(sums, alpha, lam, time.perf_counter() - began)
-            self.step += 1
-            self.log.append(row)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{row['loss']:.4f}", step_s=f"{row['step_seconds']:.2f}")
-            if t.tensorboard:
-                self.acc.log({k: v for k, v in row.items() if k != "step" and v != ""}, step=self.step)
-            if self.progress is not None:
-                self.progress(self.step, t.steps, row)
-            done = self.step >= t.steps
-            if done or self.step % t.checkpoint_every == 0:
-                row["eval_diffusion"] = self.evaluate()
-                last_checkpoint = self.save_checkpoint()
-            if t.sample_every and cfg.samples and (done or self.step % t.sample_every == 0):
-                self.write_samples()
-            if not done and self.interrupted is not None and self.interrupted():
-                raise TrainingInterrupted(self.save_checkpoint())
+        try:
+            while self.step < t.steps:
+                began = time.perf_counter()
+                alpha, lam = phase_schedule(self.step, cfg.method.name, cfg.method.phase1_steps, cfg.method.ramp_steps,
+                                            cfg.method.align_weight)
+                sums: dict[str, float] = {}
+                for micro in range(t.grad_accum):
+                    with self.acc.accumulate(self.module):
+                        out = self.module(self.frozen, self.batch(self.step, micro), alpha, lam)
+                        self.acc.backward(out["loss"])
+                        if self.acc.sync_gradients and t.max_grad_norm > 0:
+                            self.acc.clip_grad_norm_(self.module.parameters(), t.max_grad_norm)
+                        self.optimiser.step()  # the engine skips it until the last micro-batch
+                        if self.acc.sync_gradients:
+                            self.scheduler.step()
+                        self.optimiser.zero_grad(set_to_none=True)
+                    for k, v in out.items():
+                        sums[k] = sums.get(k, 0.0) + float(v.detach()) / t.grad_accum
+                row = self._row(sums, alpha, lam, time.perf_counter() - began)
+                self.step += 1
+                self.log.append(row)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", step_s=f"{row['step_seconds']:.2f}")
+                if t.tensorboard:
+                    self.acc.log({k: v for k, v in row.items() if k != "step" and v != ""}, step=self.step)
+                if self.progress is not None:
+                    self.progress(self.step, t.steps, row)
+                done = self.step >= t.steps
+                if done or self.step % t.checkpoint_every == 0:
+                    row["eval_diffusion"] = self.evaluate()
+                    last_checkpoint = self.save_checkpoint()
+                if t.sample_every and cfg.samples and (done or self.step % t.sample_every == 0):
+                    self.write_samples()
+                if not done and self.interrupted is not None and self.interrupted():
+                    raise TrainingInterrupted(self.save_checkpoint())
+        except BaseException as e:  # Ctrl-C, or ComfyUI's Cancel raised inside a layer: keep what was trained
+            if not is_interruption(e) or self.acc.num_processes > 1:
+                raise
+            raise TrainingInterrupted(self.save_checkpoint()) from e
         if bar is not None:
             bar.close()
         final = self.out / f"{self.out.name}.safetensors"
@@ -400,8 +407,7 @@ class Trainer:
             return
         folder = latest_checkpoint(self.out) if resume == "latest" else Path(resume)
         if folder is None:
-            if self.main:
-                print(f"[troupe-train] resume = latest: no checkpoint in {self.out} yet, starting at step 0")
+            LOG.info("train.resume = latest: no checkpoint in %s yet, starting at step 0", self.out)
             return
         if not (folder / STATE_FILE).exists():
             raise FileNotFoundError(f"train.resume: {folder} is not a checkpoint folder (no {STATE_FILE})")
@@ -411,8 +417,8 @@ class Trainer:
         log = self.out / "log.csv"
         if log.exists():
             with open(log, encoding="utf-8") as f:
-                self.log = [{k: _num(v) for k, v in row.items()} for row in csv.DictReader(f)
-                            if int(row["step"]) <= self.step]
+                self.log = [{k: int(v) if k == "step" else _num(v) for k, v in row.items() if v != ""}
+                            for row in csv.DictReader(f) if int(row["step"]) <= self.step]
 
     # ---------------------------------------------------------------- samples and bars
 
@@ -441,6 +447,12 @@ def _num(v: str):
         return float(v) if v not in ("", None) else ""
     except ValueError:
         return v
+
+
+def is_interruption(error: BaseException) -> bool:
+    """Ctrl-C, or ComfyUI's Cancel (``InterruptProcessingException``, raised by its layers mid-step): the step in
+    progress is dropped (its optimiser update not taken) and the state before it is saved."""
+    return isinstance(error, KeyboardInterrupt) or type(error).__name__ == "InterruptProcessingException"
 
 
 def checkpoints(out: Path) -> list[Path]:

@@ -45,6 +45,8 @@ def load_components(config: Config):
     from .trainer import Components
 
     paths.register_model_folders()
+    if config.method.flux:
+        return load_flux_components(config)
     ckpt = _resolve("checkpoints", config.model.checkpoint, "model.checkpoint")
     print(f"[troupe-train] loading {ckpt}")
     patcher, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(
@@ -69,6 +71,51 @@ def load_components(config: Config):
         initial = adapter.module
     return Components(base_model=patcher.model, clip=clip, vae=vae, clip_vision=clip_vision, dino=dino,
                       initial_adapter=initial, owned=True)
+
+
+def load_flux_components(config: Config):
+    """FLUX.1-dev as separate files (diffusion model, CLIP-L + T5-XXL with the FLUX clip type, VAE) through ComfyUI's
+    loaders, the CLIP vision encoder, and for ``method.init_adapter`` a troupe-flux file (with the fusion file beside
+    it, ``<stem>.hmoe.safetensors``, when there is one)."""
+    import comfy.clip_vision
+    import comfy.sd
+    import comfy.utils
+    import folder_paths
+
+    from ..models.adapter_file import detect_and_load, read_state_dict
+    from ..models.encoding.hmoe import hmoe_from_state_dict
+    from ..nodes import paths
+    from ..nodes.adapter import families
+    from .trainer import Components
+
+    m = config.model
+    unet = _resolve("diffusion_models", m.unet, "model.unet")
+    print(f"[troupe-train] loading {unet}")
+    patcher = comfy.sd.load_diffusion_model(unet)
+    if not hasattr(patcher.model.diffusion_model, "double_blocks"):
+        raise ConfigError(f"model.unet: {unet} is not a FLUX model (its model is a "
+                          f"{type(patcher.model.diffusion_model).__name__}); dynaip trains on FLUX.1-dev")
+    clip = comfy.sd.load_clip(ckpt_paths=[_resolve("text_encoders", m.clip_l, "model.clip_l"),
+                                          _resolve("text_encoders", m.t5, "model.t5")],
+                              embedding_directory=folder_paths.get_folder_paths("embeddings"),
+                              clip_type=comfy.sd.CLIPType.FLUX)
+    vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(_resolve("vae", m.vae, "model.vae")))
+    clip_vision = comfy.clip_vision.load(_resolve("clip_vision", m.clip_vision, "model.clip_vision"))
+    initial, fusion = None, None
+    if config.method.init_adapter:
+        name = config.method.init_adapter
+        path = name if os.path.exists(name) else paths.full_path("troupe_train", "method.init_adapter",
+                                                                 paths.ADAPTER_FOLDERS, name)
+        adapter = detect_and_load(read_state_dict(path), families(), filename=os.path.basename(path))
+        if adapter.format != "troupe-flux":
+            raise ConfigError(f"method.init_adapter: {name} is a {adapter.format} adapter; dynaip continues a "
+                              "troupe-flux file")
+        initial = adapter.module
+        beside = Path(path).with_name(Path(path).stem + ".hmoe.safetensors")
+        if beside.exists():
+            fusion = hmoe_from_state_dict(read_state_dict(str(beside)))
+    return Components(base_model=patcher.model, clip=clip, vae=vae, clip_vision=clip_vision, initial_adapter=initial,
+                      initial_fusion=fusion, owned=True)
 
 
 def main(argv: list[str] | None = None) -> int:

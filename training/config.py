@@ -21,7 +21,12 @@ from typing import Any
 from ..models.layout.layout import LayoutError, validate_box
 from .manifest import MAX_SUBJECTS, label_in_caption
 
-METHODS = ("r3", "ms-diffusion", "multipersona")
+METHODS = ("r3", "ms-diffusion", "multipersona", "dynaip")
+FLUX_METHODS = ("dynaip",)  # methods that train a FLUX adapter (the rest train SDXL adapters)
+SDXL_METHODS = tuple(m for m in METHODS if m not in FLUX_METHODS)
+FLUX_MODEL_KEYS = ("unet", "clip_l", "t5", "vae")  # the separate FLUX files a FLUX method needs
+# DynaIP "Implementation Details": AdamW, cosine schedule from 2e-5, weight decay 1e-4; the defaults of a dynaip run
+DYNAIP_TRAIN_DEFAULTS = {"learning_rate": 2e-5, "lr_schedule": "cosine", "weight_decay": 1e-4}
 ALIGNING_METHODS = ("r3", "multipersona")  # methods with an alignment loss against DINO features
 ALIGN_BLOCKS = ("down+mid", "down", "mid")
 LR_SCHEDULES = ("constant", "cosine", "linear")
@@ -40,14 +45,24 @@ class ConfigError(ValueError):
 class ModelConfig:
     """[model]: the frozen models the adapter trains against."""
 
-    checkpoint: str
-    """SDXL checkpoint: a path, or a file name in ComfyUI's models/checkpoints (the trainer resolves it)."""
-    clip_vision: str
-    """CLIP vision encoder (ViT-bigG/14 for MS-Diffusion-sized adapters): a path or a name in models/clip_vision."""
+    checkpoint: str = ""
+    """SDXL checkpoint: a path, or a file name in ComfyUI's models/checkpoints (the trainer resolves it); required
+    by the SDXL methods."""
+    clip_vision: str = ""
+    """CLIP vision encoder (ViT-bigG/14 for MS-Diffusion-sized adapters, OpenCLIP ViT-L/14-336 for DynaIP): a path
+    or a name in models/clip_vision; required."""
     dino: str = ""
     """DINO encoder for the alignment loss: a folder in models/dino or a path; required by r3 and multipersona."""
     comfyui: Path | None = None
     """ComfyUI folder whose loaders and model folders the trainer uses; None ("" in the file) = the host one."""
+    unet: str = ""
+    """FLUX methods: the FLUX.1-dev diffusion model, a path or a name in models/diffusion_models (or unet)."""
+    clip_l: str = ""
+    """FLUX methods: the CLIP-L text encoder, a path or a name in models/text_encoders (or clip)."""
+    t5: str = ""
+    """FLUX methods: the T5-XXL text encoder, a path or a name in models/text_encoders (or clip)."""
+    vae: str = ""
+    """FLUX methods: the FLUX VAE (16 latent channels, ae.safetensors), a path or a name in models/vae."""
 
 
 @dataclass(frozen=True)
@@ -70,6 +85,17 @@ class MethodConfig:
     """Hidden width of the projection W2 W1 of the alignment loss, R^3-Adapter Eq. 7."""
     projector_dropout: float = 0.1
     """Dropout of MultiPersona-Align's projector (its Eq. 7); our choice: the paper gives no rate."""
+    stage1_steps: int = 20000
+    """dynaip: steps of stage 1 (intra-pair records only) before stage 2 (cross-pair records only); DynaIP
+    "Implementation Details" (20,000 then 80,000 iterations)."""
+    expert_dropout: float = 0.05
+    """dynaip: each HMoE expert's feature is dropped independently with this rate in training; DynaIP
+    "Implementation Details"."""
+
+    @property
+    def flux(self) -> bool:
+        """Whether this method trains a FLUX adapter (and so needs the [model] FLUX files)."""
+        return self.name in FLUX_METHODS
 
     @property
     def aligns(self) -> bool:
@@ -105,6 +131,10 @@ class AdapterConfig:
     """Window size of the refiner's local attention."""
     refiner_topk: tuple[int, int] = (8, 4)
     """Top-k routing of the refiner, two positive ints."""
+    fusion_width: int = 0
+    """dynaip: the HMoE experts' output width E (the adapter's input); 0 = the CLIP vision width (1024 for ViT-L)."""
+    router_hidden: int = 256
+    """dynaip: hidden width of the HMoE router (the pack's ``HMoEConfig`` default)."""
 
 
 @dataclass(frozen=True)
@@ -234,7 +264,8 @@ class Config:
 _SECTIONS = {"model": ModelConfig, "method": MethodConfig, "adapter": AdapterConfig, "data": DataConfig,
              "train": TrainConfig, "dropout": DropoutConfig}
 # an example value for each required key, quoted in the "missing" message
-_EXAMPLES = {"checkpoint": '"sd_xl_base_1.0.safetensors"', "clip_vision": '"CLIP-ViT-bigG-14.safetensors"',
+_EXAMPLES = {"checkpoint": '"sd_xl_base_1.0.safetensors"', "unet": '"flux1-dev.safetensors"',
+             "clip_l": '"clip_l.safetensors"', "t5": '"t5xxl_fp16.safetensors"', "vae": '"ae.safetensors"', "clip_vision": '"CLIP-ViT-bigG-14.safetensors"',
              "name": '"r3"', "manifest": '"data/manifest.jsonl"', "output_dir": '"runs/r3"', "steps": "20000",
              "prompt": '"a dog and a teapot on a table"', "label": '"dog"', "image": '"refs/dog.jpg"',
              "box": "[0.1, 0.2, 0.5, 0.9]"}
@@ -375,9 +406,22 @@ def resolve_path(value: str | os.PathLike, base_dir: Path) -> Path:
 # --------------------------------------------------------------------------- sections
 
 
-def _model(t: _Table) -> ModelConfig:
-    return ModelConfig(checkpoint=t.text("checkpoint", nonempty=True), clip_vision=t.text("clip_vision", nonempty=True),
-                       dino=t.text("dino").strip(), comfyui=t.path("comfyui"))
+def _required_text(t: _Table, key: str, why: str = "") -> str:
+    if key not in t.data:
+        example = _EXAMPLES.get(key, "...")
+        raise ConfigError(f"{t.where}.{key}: required key is missing{why}; add it under {t.header}, e.g. {key} = {example}")
+    return t.text(key, nonempty=True)
+
+
+def _model(t: _Table, method: str = "r3") -> ModelConfig:
+    flux = method in FLUX_METHODS
+    files = {}
+    for key in FLUX_MODEL_KEYS:
+        files[key] = (_required_text(t, key, f' (method.name "{method}" trains on FLUX)') if flux
+                      else t.text(key).strip())
+    checkpoint = t.text("checkpoint").strip() if flux else _required_text(t, "checkpoint")
+    return ModelConfig(checkpoint=checkpoint, clip_vision=_required_text(t, "clip_vision"),
+                       dino=t.text("dino").strip(), comfyui=t.path("comfyui"), **files)
 
 
 def _method(t: _Table) -> MethodConfig:
@@ -387,11 +431,12 @@ def _method(t: _Table) -> MethodConfig:
         phase1_steps=t.integer("phase1_steps", 0), ramp_steps=t.integer("ramp_steps", 0),
         projection_width=t.integer("projection_width", 1),
         projector_dropout=t.number("projector_dropout", 0.0, 1.0, hi_open=True),
+        stage1_steps=t.integer("stage1_steps", 0), expert_dropout=t.number("expert_dropout", 0.0, 1.0, hi_open=True),
     )
 
 
 def _adapter(t: _Table) -> AdapterConfig:
-    sizes = {name: t.integer(name, 1) for name in t.fields if name != "refiner_topk"}
+    sizes = {name: t.integer(name, 0 if name == "fusion_width" else 1) for name in t.fields if name != "refiner_topk"}
     return AdapterConfig(**sizes, refiner_topk=t.int_pair("refiner_topk"))
 
 
@@ -476,7 +521,14 @@ def parse_config(data: dict, base_dir: str | os.PathLike) -> Config:
     def table(name: str) -> _Table:
         return _Table(name, data.get(name, {}), _SECTIONS[name], base_dir, f"[{name}]")
 
-    model, method, train = _model(table("model")), _method(table("method")), _train(table("train"))
+    method = _method(table("method"))
+    model, train = _model(table("model"), method.name), _train(table("train"))
+    if method.flux:
+        given = data.get("train", {}) if isinstance(data.get("train"), dict) else {}
+        train = dataclasses.replace(train, **{k: v for k, v in DYNAIP_TRAIN_DEFAULTS.items() if k not in given})
+        if train.gradient_checkpointing:
+            raise ConfigError(f'train.gradient_checkpointing: not available for method.name "{method.name}" yet; '
+                              "set it to false")
     if method.aligns and not model.dino:
         raise ConfigError(f'model.dino: required when method.name is "{method.name}" (its alignment loss compares '
                           f'UNet features with DINO features); set it to a folder in models/dino or a path, '
@@ -487,6 +539,9 @@ def parse_config(data: dict, base_dir: str | os.PathLike) -> Config:
                           "write [[sample]]")
     if not isinstance(samples, (list, tuple)):
         raise ConfigError(f"sample: expected [[sample]] tables, got {_show(samples)}")
+    if method.flux and samples:
+        raise ConfigError(f'sample: sample grids are not available for method.name "{method.name}" yet (the '
+                          "fixed-batch loss in log.csv shows progress); remove the [[sample]] tables")
     return Config(
         model=model, method=method, adapter=_adapter(table("adapter")), data=_data(table("data"), train.output_dir),
         train=train, dropout=_dropout(table("dropout")),

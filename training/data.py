@@ -329,3 +329,44 @@ class FeatureStore:
                         tuple(Region(box=crop.box(s.box), label=s.label) for s in record.subjects))
         top, left = crop.crop_coords()
         return layout, (h, w, top, left)
+
+
+class FluxFeatureStore(FeatureStore):
+    """The FLUX kinds of the same keyed, fingerprinted cache (DynaIP): the FLUX VAE's 16-channel latent of every
+    target, the FLUX text encoding (T5 tokens and the CLIP-L pooled vector) of every caption, and the three CLIP
+    layers HMoE fuses (``layers``, DynaIP's 10, 17, 24) of every reference, in the "pad" crop troupe-flux files use.
+    """
+
+    def __init__(self, records: Sequence[Record], encoders: Encoders, root: Path, resolution: int,
+                 layers: str = "10,17,24"):
+        self.records = list(records)
+        self.enc = encoders
+        self.resolution = int(resolution)
+        self.layers = layers
+        self.image_features = None
+        vae_model = getattr(encoders.vae, "first_stage_model", None)
+        clip_model = getattr(encoders.clip, "cond_stage_model", None)
+        cv_model = getattr(encoders.clip_vision, "model", None)
+        self.caches = {
+            "latent": DiskCache(root, "flux-latent", module_fingerprint(vae_model), (self.resolution,)),
+            "text": DiskCache(root, "flux-text", module_fingerprint(clip_model)),
+            "clip": DiskCache(root, "clip-levels", module_fingerprint(cv_model), (encoders.image_crop, layers)),
+        }
+        self._empty = None
+
+    def _text(self, caption: str, labels: Sequence[str]) -> dict[str, torch.Tensor]:
+        clip = self.enc.clip
+        with torch.inference_mode():
+            cond, pooled = clip.encode_from_tokens(clip.tokenize(caption), return_pooled=True)
+        return {"context": cond[0].float().clone(), "pooled": pooled[0].float().clone()}
+
+    def _clip(self, p: Prepared) -> dict[str, torch.Tensor]:
+        from ..models.layout.subject import Subject
+        from ..nodes.encoding import encode_subjects
+
+        subjects, counts = [], []
+        for s, refs in zip(p.record.subjects, p.references):
+            counts.append(len(refs))
+            subjects += [Subject(image=r[None], label=s.label) for r in refs]
+        features = encode_subjects(self.enc.clip_vision, subjects, layers=self.layers, crop=self.enc.image_crop)
+        return {"levels": features.hidden.float(), "counts": torch.tensor(counts, dtype=torch.float32)}

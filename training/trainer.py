@@ -77,8 +77,9 @@ class Components:
     vae: object
     clip_vision: object
     dino: object | None = None
-    initial_adapter: SdxlAdapter | None = None
+    initial_adapter: SdxlAdapter | None = None  # a FluxImageAdapter for a FLUX method
     owned: bool = False
+    initial_fusion: object | None = None  # FLUX methods: an HMoE to continue (None = a new one)
 
 
 @dataclass
@@ -167,6 +168,7 @@ class Trainer:
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
         self.main = self.acc.is_main_process
         self.records = read_manifest(config.data.manifest)
+        self.method = method_for(config.method.name)
         self._setup_models(components)
         self._setup_data(components)
         self._setup_optimiser()
@@ -177,6 +179,8 @@ class Trainer:
     # ---------------------------------------------------------------- set-up
 
     def _setup_models(self, c: Components) -> None:
+        if self.method is not None:
+            return self.method.setup_models(self, c)
         cfg = self.config
         with torch.inference_mode(False):
             base = c.base_model if c.owned else copy.deepcopy(c.base_model)  # a normal tensor copy, ours alone
@@ -203,6 +207,8 @@ class Trainer:
                                       projector_dropout=cfg.method.projector_dropout, seed=cfg.train.seed).to(device)
 
     def _setup_data(self, c: Components) -> None:
+        if self.method is not None:
+            return self.method.setup_data(self, c)
         cfg = self.config
         adapter = self.module.adapter
         cache = cfg.data.cache_dir or (Path(cfg.train.output_dir) / "cache")
@@ -240,6 +246,8 @@ class Trainer:
     # ---------------------------------------------------------------- the data stream
 
     def sample_at(self, position: int) -> Sample:
+        if self.method is not None:
+            return self.method.sample_at(self, position)
         cfg = self.config
         n = len(self.records)
         i = record_index(cfg.train.seed, position, n)
@@ -363,6 +371,8 @@ class Trainer:
 
     def save_adapter(self, path: Path) -> None:
         """The adapter as a ``TroupeLoadAdapter`` file (the refiner's alpha set to this step's warm-up value)."""
+        if self.method is not None:
+            return self.method.save_adapter(self, path)
         adapter = self.unwrapped().adapter
         if adapter.refiner is not None:
             alpha, _ = phase_schedule(max(self.step - 1, 0), self.config.method.name, self.config.method.phase1_steps,
@@ -440,6 +450,18 @@ class Trainer:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def method_for(name: str):
+    """The method object of a FLUX method (``training.flux.FluxMethod``), or None for the SDXL methods, whose
+    set-up, data stream and saving are the trainer's own."""
+    from .config import FLUX_METHODS
+
+    if name in FLUX_METHODS:
+        from .flux import FluxMethod
+
+        return FluxMethod()
+    return None
 
 
 def _num(v: str):

@@ -87,15 +87,18 @@ class HMoE(nn.Module):
         return torch.stack([e(full_tokens[:, i]) for i, e in enumerate(self.experts)], dim=1)
 
     def forward(self, hidden: torch.Tensor, override: torch.Tensor | None = None,
-                summary: torch.Tensor | None = None) -> FusionResult:
+                summary: torch.Tensor | None = None, dropped: torch.Tensor | None = None) -> FusionResult:
         """Eq. 8 of 004: ``sum_l w_l * e_l``; ``override`` [B or 1, L] replaces the routed weights (B.4);
-        ``summary`` [B, L, D] replaces token 0 as the router's input (SigLIP has no CLS token: its pooled output)."""
+        ``summary`` [B, L, D] replaces token 0 as the router's input (SigLIP has no CLS token: its pooled output);
+        ``dropped`` [B, L] (bool, training only: DynaIP's expert dropout) zeroes those experts' features e_l."""
         if hidden.ndim != 4 or hidden.shape[1] != self.config.num_levels:
             raise ValueError(f"expected hierarchical features [B, {self.config.num_levels}, G, D], "
                              f"got {tuple(hidden.shape)}")
         routed = self.route(hidden[:, :, 0] if summary is None else summary.to(hidden))
         weights = routed if override is None else normalise_weights(override).to(routed).expand_as(routed)
         experts = self.experts_out(hidden)
+        if dropped is not None:
+            experts = experts * (~dropped.to(experts.device, torch.bool)).to(experts.dtype)[:, :, None, None]
         fused = torch.einsum("bl,blgd->bgd", weights, experts)
         return FusionResult(fused=fused, routed_weights=routed, weights=weights)
 

@@ -331,6 +331,38 @@ def module_keys(sd: Mapping[str, torch.Tensor], c: FluxAdapterConfig) -> dict[st
     return out
 
 
+def troupe_state_dict(adapter: FluxImageAdapter) -> dict[str, torch.Tensor]:
+    """A ``troupe-flux`` adapter's weights under the file's key names (the inverse of ``module_keys``)."""
+    c = adapter.config
+    if c.format != TROUPE:
+        raise ValueError(f"only {TROUPE} adapters are saved in the {TROUPE} layout, not {c.format}")
+    out = {}
+    for k, v in adapter.state_dict().items():
+        if m := re.match(r"layers\.(\d+)\.(.*)", k):
+            n = int(m.group(1))
+            kind, i = ("double_blocks", n) if n < c.double_blocks else ("single_blocks", n - c.double_blocks)
+            out[f"{kind}.{i}.{m.group(2)}"] = v
+        else:
+            out[k] = v
+    return {k: v.detach().float().cpu().contiguous() for k, v in out.items()}
+
+
+def save_troupe_flux(path: str, adapter: FluxImageAdapter) -> None:
+    """Write a ``troupe-flux`` safetensors file that ``TroupeLoadAdapter`` loads (the training toolkit's output)."""
+    from safetensors.torch import save_file
+
+    save_file(troupe_state_dict(adapter), str(path), metadata={"format": TROUPE})
+
+
+def new_troupe_adapter(encoder_dim: int, hidden_size: int, head_dim: int, double_blocks: int,
+                       single_blocks: int) -> FluxImageAdapter:
+    """A fresh ``troupe-flux`` adapter (torch's default initialisation; the caller seeds the generator)."""
+    config = FluxAdapterConfig(format=TROUPE, encoder_dim=encoder_dim, context_dim=hidden_size,
+                               hidden_size=hidden_size, double_blocks=double_blocks, single_blocks=single_blocks,
+                               head_dim=head_dim, norm_v=False, norm_eps=1e-6, norm_affine=True)
+    return FluxImageAdapter(config)
+
+
 def build(sd: Mapping[str, torch.Tensor], fmt: str) -> FluxImageAdapter:
     """Check every key and shape of a state dict in format ``fmt`` and build the adapter (weights kept as stored)."""
     if fmt == TROUPE:

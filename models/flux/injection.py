@@ -123,10 +123,11 @@ def masked_cross_attention(q: torch.Tensor, keys: list[torch.Tensor], values: li
         a = attention(qi, k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1), h, skip_reshape=True) * scale
         if m is not None:
             a = a * m.to(a.dtype)
+        grad = a.requires_grad or out.requires_grad  # training: out of place, so autograd keeps every version
         if rows is None:
-            out += a
+            out = out + a if grad else out.add_(a)
         else:
-            out.index_add_(1, rows, a.to(out.dtype))
+            out = out.index_add(1, rows, a.to(out.dtype)) if grad else out.index_add_(1, rows, a.to(out.dtype))
     return out
 
 

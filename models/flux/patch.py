@@ -70,7 +70,8 @@ class AttentionHook:
             return out
         self.additions = self.compute(q)
         if self.add:
-            out = out.clone() if out.requires_grad else out
+            grad = out.requires_grad or any(d.requires_grad for _, d, _, _ in self.additions)
+            out = out.clone() if grad else out  # training: never modify a tensor autograd may have saved
             for off, delta, _, _ in self.additions:
                 out[:, off:off + delta.shape[1]] += delta.to(out.dtype)
         return out
@@ -108,9 +109,13 @@ class FluxInjection:
 
     def __init__(self, adapter: FluxImageAdapter, tokens: torch.Tensor, params: InjectionParams,
                  layout: Layout | None, model_double_blocks: int, patch_size: int = 2, *,
-                 flipped_img_txt: bool = False, attention: AttentionFn = sdpa_attention) -> None:
+                 flipped_img_txt: bool = False, attention: AttentionFn = sdpa_attention,
+                 trainable: bool = False) -> None:
         self.adapter = adapter
-        self.tokens = tokens.detach().float().cpu()  # C_i [N, T, C], computed once at apply time
+        # C_i [N, T, C], computed once at apply time; ``trainable`` (the training toolkit) keeps the tokens' graph,
+        # so the projection, the fusion before it and every block's K/V get their gradient (same numbers)
+        self.trainable = trainable
+        self.tokens = tokens.float() if trainable else tokens.detach().float().cpu()
         self.params = params
         self.layout = layout
         self.model_double_blocks = model_double_blocks

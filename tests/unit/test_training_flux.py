@@ -1,0 +1,283 @@
+"""DynaIP training on the tiny FLUX models (CPU): the flow-matching target through ComfyUI's own denoiser, the
+trainable FluxInjection against the inference patch, DDS in training, HMoE expert dropout, the two data stages,
+a 36-step run, the saved files in the pack's loaders, and resume."""
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from fixtures.tiny_models import ensure_comfy
+from fixtures.training_flux import dynaip_config, flux_components, staged_dataset, tiny_training_flux
+from safetensors.torch import load_file
+
+from comfyui_troupe.models.adapter_file import detect_and_load, read_state_dict
+from comfyui_troupe.models.encoding.hmoe import HMoE, HMoEConfig
+from comfyui_troupe.models.flux.adapter import new_troupe_adapter
+from comfyui_troupe.models.flux.injection import BOTH, IMAGE_ONLY, InjectionParams
+from comfyui_troupe.models.flux.patch import GEOMETRY_KEY, FluxInjection
+from comfyui_troupe.models.layout.layout import Layout, Region
+from comfyui_troupe.training.flux import (
+    FluxSample,
+    FluxTrainModule,
+    FrozenFlux,
+    TrainingInjection,
+    expert_drops,
+    flow_matching_pair,
+    stage_of,
+)
+from comfyui_troupe.training.trainer import EVAL_STREAM, Trainer, train
+
+STEPS = 36
+
+
+# --------------------------------------------------------------------------- the objective
+
+
+def test_flow_matching_target_denoises_to_x0_through_comfyui():
+    """ComfyUI's FLUX sampling (CONST) fed the target as the model output must return x0, and its own noise
+    scaling must give our x_t."""
+    ensure_comfy()
+    import comfy.model_sampling
+
+    class FluxSampling(comfy.model_sampling.ModelSamplingFlux, comfy.model_sampling.CONST):
+        pass  # what model_base.Flux builds for FLUX.1
+
+    sampling = FluxSampling()
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(3, 16, 8, 8, generator=g), torch.randn(3, 16, 8, 8, generator=g)
+    sigma = torch.tensor([0.02, 0.5, 1.0])
+    x_t, target = flow_matching_pair(x0, noise, sigma)
+    assert torch.allclose(sampling.noise_scaling(sigma, noise, x0), x_t, atol=1e-6)
+    assert torch.equal(sampling.calculate_input(sigma, x_t), x_t)
+    assert torch.allclose(sampling.calculate_denoised(sigma, target, x_t), x0, atol=1e-5)
+
+
+def test_timesteps_are_the_models_shifted_schedule():
+    """The trainer draws sigma uniformly from the model's own table: sigma = e^mu / (e^mu + 1/t - 1), mu = shift."""
+    base = tiny_training_flux().model
+    frozen = FrozenFlux(base, "cpu")
+    mu = base.model_sampling.shift
+    t = torch.arange(1, 10001, dtype=torch.float64) / 10000
+    expected = math.exp(mu) / (math.exp(mu) + (1 / t - 1))
+    assert torch.allclose(frozen.sigmas.double(), expected, atol=1e-6)
+    assert float((frozen.sigmas > 0.5).float().mean()) > 0.6  # shifted towards high noise (mu = 1.15)
+
+
+# --------------------------------------------------------------------------- the trainable patch
+
+
+def _adapter_and_layouts(seed: int = 0):
+    torch.manual_seed(seed)
+    adapter = new_troupe_adapter(64, 64, 32, 2, 2).float()
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    layouts = [Layout(64, 64, (Region(box=(0.0, 0.0, 0.6, 1.0)), Region(box=(0.4, 0.0, 1.0, 1.0)))),
+               Layout(64, 64, (Region(box=(0.0, 0.25, 1.0, 0.75)),))]
+    return adapter, layouts
+
+
+def _forward(dit, x, context, y, replaces):
+    t = torch.tensor([0.7] * x.shape[0])
+    opts = {"patches_replace": {"dit": replaces}, GEOMETRY_KEY: (x.shape[-2], x.shape[-1], context.shape[1])}
+    return dit(x, t, context, y=y, guidance=torch.full((x.shape[0],), 3.5), transformer_options=opts)
+
+
+def _inference_replaces(patch: FluxInjection, nd: int, ns: int) -> dict:
+    run: dict = {}
+    out = {}
+    for kind, count in (("double_block", nd), ("single_block", ns)):
+        for i in range(count):
+            out[(kind, i)] = lambda a, e, _k=(kind, i): patch.dit_block(_k, a, e, run)
+    return out
+
+
+def test_trainable_injection_gives_the_inference_numbers_and_gradients():
+    """Per sample, the training forward (batch 2, each sample its own layout and tokens) equals the inference
+    patch at batch 1; trainable=True changes no number; every block's K/V and the projection get a gradient."""
+    dit = tiny_training_flux().model.diffusion_model
+    adapter, layouts = _adapter_and_layouts()
+    g = torch.Generator().manual_seed(1)
+    feats = [torch.randn(2, 5, 64, generator=g), torch.randn(1, 5, 64, generator=g)]
+    x, context, y = torch.randn(2, 16, 8, 8, generator=g), torch.randn(2, 7, 64, generator=g), torch.randn(2, 768, generator=g)
+    params = InjectionParams(dds=BOTH)
+    with torch.no_grad():
+        expected = []
+        for b in range(2):
+            tokens = adapter.image_proj(feats[b])
+            frozen = FluxInjection(adapter, tokens, params, layouts[b], 2)
+            ref = _forward(dit, x[b:b + 1], context[b:b + 1], y[b:b + 1], _inference_replaces(frozen, 2, 2))
+            trainable = FluxInjection(adapter, tokens, params, layouts[b], 2, trainable=True)
+            same = _forward(dit, x[b:b + 1], context[b:b + 1], y[b:b + 1], _inference_replaces(trainable, 2, 2))
+            assert torch.equal(ref, same)  # trainable keeps the inference numbers bit for bit
+            expected.append(ref)
+    patches = [FluxInjection(adapter, adapter.image_proj(f), params, lay, 2, trainable=True)
+               for f, lay in zip(feats, layouts)]
+    out = _forward(dit, x, context, y, TrainingInjection(patches).replaces(2, 2))
+    assert torch.allclose(out, torch.cat(expected), atol=1e-5)
+    base = _forward(dit, x, context, y, {})
+    assert (out - base).abs().max() > 1e-3  # the term reaches the output
+    out.square().mean().backward()
+    for n, p in adapter.named_parameters():
+        assert p.grad is not None and p.grad.abs().max() > 0, n
+
+
+def test_dds_text_tokens_get_the_term_in_training_only():
+    """Eq. 5: training injects into both branches (text tokens too, M = 1); the inference rule (image branch only)
+    leaves the text stream exactly as the base block computes it."""
+    dit = tiny_training_flux().model.diffusion_model
+    adapter, layouts = _adapter_and_layouts()
+    g = torch.Generator().manual_seed(2)
+    x, context, y = torch.randn(1, 16, 8, 8, generator=g), torch.randn(1, 7, 64, generator=g), torch.randn(1, 768, generator=g)
+    torch.manual_seed(3)
+    module = FluxTrainModule(adapter, HMoE(HMoEConfig(in_dim=64, out_dim=64, router_hidden=32))).eval()
+    sample = FluxSample(latent=x[0], context=context[0], pooled=y[0], layout=layouts[0],
+                        levels=torch.randn(2, 3, 5, 64, generator=g), noise=x[0], sigma=0.5, drop_image=False,
+                        expert_drop=torch.zeros(2, 3, dtype=torch.bool))
+    with torch.no_grad():
+        (patch,) = module.injections(FrozenFlux(tiny_training_flux().model, "cpu"), [sample])  # what training runs
+    trained = TrainingInjection([patch])
+    infer = FluxInjection(adapter, patch.tokens, InjectionParams(dds=IMAGE_ONLY), layouts[0], 2)
+    outs = {}
+
+    def compare(args, extra):  # double block 0, while the forward runs (its original_block is bound to it now)
+        def fresh():
+            return dict(args, img=args["img"].clone(), txt=args["txt"].clone())
+
+        outs["base"] = extra["original_block"](fresh())
+        outs["train"] = trained(fresh(), dict(extra, troupe_block=("double_block", 0)))
+        outs["infer"] = infer.dit_block(("double_block", 0), fresh(), extra, {})
+        return extra["original_block"](args)
+
+    with torch.no_grad():
+        _forward(dit, x, context, y, {("double_block", 0): compare})
+    base = outs["base"]
+    assert (outs["train"]["txt"] - base["txt"]).abs().max() > 1e-4  # training: the text tokens get the term
+    assert torch.equal(outs["infer"]["txt"], base["txt"])  # inference: not at all
+    assert (outs["infer"]["img"] - base["img"]).abs().max() > 1e-4
+    assert (outs["train"]["img"] - outs["infer"]["img"]).abs().max() < 1e-5  # the image rows get the same term
+
+
+# --------------------------------------------------------------------------- HMoE expert dropout
+
+
+def test_expert_dropout_drops_each_expert_with_its_rate_and_never_at_eval():
+    """Each expert's feature is dropped independently with 5%. 20,000 draws per expert: the standard error of a
+    rate is sqrt(0.05 * 0.95 / 20000) = 0.0015, so 4 standard errors (0.0062) would fail by chance with
+    probability ~6e-5; the joint rate of two experts (0.0025, standard error 0.00035) checks independence."""
+    gen = torch.Generator().manual_seed(0)
+    drops = torch.cat([expert_drops(gen, 4, 3, 0.05) for _ in range(5000)])  # [20000, 3]
+    rates = drops.float().mean(0)
+    assert torch.all((rates - 0.05).abs() < 4 * math.sqrt(0.05 * 0.95 / 20000)), rates
+    joint = (drops[:, 0] & drops[:, 1]).float().mean()
+    assert abs(float(joint) - 0.0025) < 4 * math.sqrt(0.0025 * 0.9975 / 20000), joint
+    # a dropped expert contributes nothing (Eq. 8 without its term); eval ignores the drops
+    torch.manual_seed(0)
+    fusion = HMoE(HMoEConfig(in_dim=64, out_dim=64, router_hidden=32))
+    module = FluxTrainModule(new_troupe_adapter(64, 64, 32, 2, 2), fusion)
+    levels = torch.randn(2, 3, 5, 64)
+    dropped = torch.tensor([[True, False, False], [False, False, True]])
+    res = fusion(levels)
+    kept = (~dropped).float()
+    manual = torch.einsum("bl,bl,blgd->bgd", res.weights, kept, fusion.experts_out(levels))
+    assert torch.allclose(fusion(levels, dropped=dropped).fused, manual, atol=1e-6)
+    module.train()
+    assert torch.allclose(module.tokens(levels, dropped), module.adapter.image_proj(manual), atol=1e-6)
+    module.eval()
+    assert torch.equal(module.tokens(levels, dropped), module.adapter.image_proj(res.fused))
+
+
+# --------------------------------------------------------------------------- runs
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory, msbench) -> Path:
+    """16 pasted records, the last 6 of kind "cross"."""
+    return staged_dataset(tmp_path_factory.mktemp("flux-train") / "data", msbench)
+
+
+def config_for(work: Path, dataset: Path, steps: int = STEPS, **sections):
+    sections.setdefault("data", {})["cache_dir"] = str(dataset.parent.parent / "cache")
+    return dynaip_config(work, dataset, steps, **sections)
+
+
+@pytest.fixture(scope="module")
+def dynaip_run(dataset, tmp_path_factory):
+    work = tmp_path_factory.mktemp("dynaip")
+    config = config_for(work, dataset)
+    result = train(config, flux_components(), show_bar=False)
+    return config, result
+
+
+def test_stages_draw_intra_then_cross_records(dataset, tmp_path):
+    """Stage 1 draws only intra-pair records, stage 2 only cross-pair ones, each stage its own records in a
+    seeded order; the fixed evaluation batch draws from every record and drops nothing."""
+    config = config_for(tmp_path, dataset, steps=40, dropout={"text": 0.05, "image": 0.05, "both": 0.05})
+    trainer = Trainer(config, flux_components(), show_bar=False)
+    kinds = [r.kind for r in trainer.records]
+    assert kinds.count("cross") == 6
+    method = trainer.method
+    per_step = config.train.batch_size
+    seen = {"intra": set(), "cross": set()}
+    for pos in range(40 * per_step):
+        stage = stage_of(pos // per_step, config.method.stage1_steps)
+        i = method.record_at(trainer, pos)
+        assert kinds[i] == stage, (pos, i)
+        seen[stage].add(i)
+    assert seen["intra"] == {i for i, k in enumerate(kinds) if k == "intra"}  # 20 steps x 2 cover all 10
+    assert seen["cross"] == {i for i, k in enumerate(kinds) if k == "cross"}
+    evals = [trainer.sample_at(EVAL_STREAM + i) for i in range(64)]
+    assert not any(s.drop_image or s.expert_drop.any() for s in evals)
+    drawn = [trainer.sample_at(p) for p in range(400)]
+    assert 0 < sum(s.drop_image for s in drawn) < 100 and any(s.expert_drop.any() for s in drawn)
+
+
+def test_dynaip_run_lowers_the_fixed_batch_loss(dynaip_run):
+    _, result = dynaip_run
+    evals = [r["eval_diffusion"] for r in result.log if r.get("eval_diffusion", "") != ""]
+    assert result.steps == STEPS and len(evals) == 3  # step 0, the checkpoint at 18, the end
+    assert evals[-1] < evals[0] * 0.93, evals  # measured: 1.334 -> 1.163 (-13%)
+
+
+def test_saved_files_load_in_the_pack_loaders(dynaip_run):
+    """The adapter is a troupe-flux file for TroupeLoadAdapter and the fusion a troupe.hmoe file for
+    TroupeLoadFusion, written side by side at each checkpoint and at the end, with the trained weights."""
+    ensure_comfy()
+    import folder_paths
+
+    from comfyui_troupe.nodes.adapter import families
+    from comfyui_troupe.nodes.encoding import load_fusion
+
+    config, result = dynaip_run
+    out = Path(config.train.output_dir)
+    for folder, stem in ((out, out.name), (out / "checkpoint-0000018", "adapter"), (out / "checkpoint-0000036", "adapter")):
+        adapter = detect_and_load(read_state_dict(str(folder / f"{stem}.safetensors")), families())
+        assert (adapter.family, adapter.format) == ("flux", "troupe-flux")
+        assert (adapter.module.config.double_blocks, adapter.module.config.single_blocks) == (2, 2)
+        assert (folder / f"{stem}.hmoe.safetensors").exists()
+    folder_paths.add_model_folder_path("troupe", str(out))
+    fusion = load_fusion(f"{out.name}.hmoe.safetensors")
+    assert (fusion.config.in_dim, fusion.config.out_dim, fusion.config.num_levels) == (64, 64, 3)
+    saved = load_file(str(out / f"{out.name}.hmoe.safetensors"))
+    assert all(torch.equal(saved[k], v.float()) for k, v in fusion.state_dict().items())
+    first = load_file(str(out / "checkpoint-0000018" / "adapter.safetensors"))
+    final = load_file(str(result.adapter_path))
+    assert any(not torch.equal(first[k], final[k]) for k in final)  # it kept training after the checkpoint
+
+
+def test_resume_at_the_checkpoint_reproduces_the_uninterrupted_run(dynaip_run, dataset, tmp_path):
+    config, result = dynaip_run
+    work = tmp_path / "resumed"
+    (work / "run").mkdir(parents=True)
+    shutil.copytree(Path(config.train.output_dir) / "checkpoint-0000018", work / "run" / "checkpoint-0000018")
+    resumed = train(config_for(work, dataset, train={"resume": "latest"}), flux_components(), show_bar=False)
+    assert resumed.steps == STEPS
+    for name in (result.adapter_path.name, result.adapter_path.stem + ".hmoe.safetensors"):
+        a = load_file(str(result.adapter_path.parent / name))
+        b = load_file(str(resumed.adapter_path.parent / name))
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), (name, k)

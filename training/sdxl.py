@@ -520,3 +520,103 @@ def adapter_for_method(method: str, initial: SdxlAdapter | None, unet, sizes,
     if unexpected or any(not (k.startswith(("refiner.", "router."))) for k in missing):
         raise ValueError(f"the initial adapter does not fit: missing {missing[:4]}, unexpected {unexpected[:4]}")
     return adapter.float().train()
+
+
+# --------------------------------------------------------------------------- the method's side of a Trainer
+
+
+class SdxlMethod:
+    """What ``Trainer`` asks of an SDXL method (r3, ms-diffusion, multipersona): the frozen UNet and the adapter (with
+    its alignment projection), the SDXL caches, the data stream's samples and the adapter file. The loop,
+    checkpoints, resume and logs stay the trainer's."""
+
+    def setup_models(self, trainer, c) -> None:
+        import copy
+
+        from .trainer import comfy_attention, probe_dino_width
+
+        cfg = trainer.config
+        with torch.inference_mode(False):
+            base = c.base_model if c.owned else copy.deepcopy(c.base_model)  # a normal tensor copy, ours alone
+        base.requires_grad_(False)
+        base.eval()
+        device = trainer.acc.device
+        base.to(device)
+        if cfg.train.gradient_checkpointing:
+            enable_gradient_checkpointing(base.diffusion_model)
+        trainer.base_model = base
+        trainer.frozen = FrozenSdxl(base, device, dtype=base.get_dtype(), attention=comfy_attention())
+        initial = c.initial_adapter
+        adapter = adapter_for_method(cfg.method.name, initial, base.diffusion_model, cfg.adapter, cfg.train.seed)
+        adapter.to(device)
+        widths = attn2_widths(base.diffusion_model)
+        modules = align_modules(cfg.method.align_blocks)
+        align_widths = sorted({w[1] for k, w in widths.items() if (k[0], k[1]) in modules})
+        dino_dim = None
+        if c.dino is not None:
+            dino_dim = int(probe_dino_width(c.dino))
+        trainer.module = SdxlTrainModule(adapter, cfg.method.name, dino_dim=dino_dim, align_widths=align_widths,
+                                         align_blocks=cfg.method.align_blocks,
+                                         projection_width=cfg.method.projection_width,
+                                         projector_dropout=cfg.method.projector_dropout, seed=cfg.train.seed).to(device)
+
+    def setup_data(self, trainer, c) -> None:
+        from pathlib import Path
+
+        from .data import Encoders, FeatureStore
+
+        cfg = trainer.config
+        adapter = trainer.module.adapter
+        cache = cfg.data.cache_dir or (Path(cfg.train.output_dir) / "cache")
+        dino = c.dino if trainer.module.aligns else None
+        trainer.encoders = Encoders(vae=c.vae, clip=c.clip, clip_vision=c.clip_vision, dino=dino,
+                                    image_crop=adapter.trained_crop)
+        trainer.store = FeatureStore(trainer.records, trainer.encoders, Path(cache), cfg.data.resolution,
+                                     cfg.data.dino_resolution,
+                                     image_features=lambda f: adapter.image_features(f.for_crop(adapter.trained_crop)))
+        if trainer.main:
+            bar = trainer._bar(len(trainer.records), "caching features")
+            trainer.store.fill(progress=lambda done, total: bar.update(1) if bar else None)
+            if bar:
+                bar.close()
+        trainer.acc.wait_for_everyone()
+        trainer.empty = trainer.store.empty_text()
+        trainer.layouts = [trainer.store.layout(i) for i in range(len(trainer.records))]
+
+    def sample_at(self, trainer, position: int) -> Sample:
+        """The record at ``position`` (a seeded permutation per epoch) and its draws."""
+        from .trainer import record_index, sample_seed
+
+        cfg = trainer.config
+        n = len(trainer.records)
+        i = record_index(cfg.train.seed, position, n)
+        feats = trainer.store.features(i)
+        layout, adm_size = trainer.layouts[i]
+        gen = torch.Generator().manual_seed(sample_seed(cfg.train.seed, position))
+        latent = feats["latent"]
+        noise = torch.randn(latent.shape, generator=gen)
+        timestep = int(torch.randint(0, len(trainer.frozen.sigmas), (1,), generator=gen))
+        counts = [int(c) for c in feats["counts"].tolist()]
+        starts = [sum(counts[:j]) for j in range(len(counts))]
+        pick = [s + int(torch.randint(0, c, (1,), generator=gen)) for s, c in zip(starts, counts)]
+        d = cfg.dropout
+        u = float(torch.rand((), generator=gen))  # one draw: text only, image only, both, or neither dropped
+        drop_text = u < d.text or d.text + d.image <= u < d.text + d.image + d.both
+        drop_image = d.text <= u < d.text + d.image or d.text + d.image <= u < d.text + d.image + d.both
+        text = trainer.empty if drop_text else feats
+        return Sample(latent=latent, context=text["context"], pooled=text["pooled"], adm_size=adm_size,
+                      layout=layout, image_features=feats["features"][pick], phrases=feats["phrases"],
+                      dino_cls=feats.get("cls"), dino_patch_mean=feats.get("patch_mean"), noise=noise,
+                      timestep=timestep, drop_image=drop_image)
+
+    def save_adapter(self, trainer, path) -> None:
+        """The adapter as a ``TroupeLoadAdapter`` file (the refiner's alpha set to this step's warm-up value)."""
+        from ..models.sdxl.formats import save_sdxl_adapter
+
+        adapter = trainer.unwrapped().adapter
+        if adapter.refiner is not None:
+            m = trainer.config.method
+            alpha, _ = phase_schedule(max(trainer.step - 1, 0), m.name, m.phase1_steps, m.ramp_steps, m.align_weight)
+            adapter.refiner.alpha.fill_(alpha)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_sdxl_adapter(str(path), adapter)

@@ -17,7 +17,6 @@ checkpoint, sample grids (``samples/step-XXXXXX.png``) every ``sample_every`` st
 """
 from __future__ import annotations
 
-import copy
 import csv
 import hashlib
 import json
@@ -32,20 +31,9 @@ from pathlib import Path
 import torch
 
 from ..models.sdxl.adapter import SdxlAdapter
-from ..models.sdxl.formats import save_sdxl_adapter
 from .config import Config
-from .data import Encoders, FeatureStore
 from .manifest import read_manifest
-from .sdxl import (
-    FrozenSdxl,
-    Sample,
-    SdxlTrainModule,
-    adapter_for_method,
-    align_modules,
-    attn2_widths,
-    enable_gradient_checkpointing,
-    phase_schedule,
-)
+from .sdxl import Sample, SdxlMethod, SdxlTrainModule, phase_schedule
 
 LOG = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.json"
@@ -179,53 +167,10 @@ class Trainer:
     # ---------------------------------------------------------------- set-up
 
     def _setup_models(self, c: Components) -> None:
-        if self.method is not None:
-            return self.method.setup_models(self, c)
-        cfg = self.config
-        with torch.inference_mode(False):
-            base = c.base_model if c.owned else copy.deepcopy(c.base_model)  # a normal tensor copy, ours alone
-        base.requires_grad_(False)
-        base.eval()
-        device = self.acc.device
-        base.to(device)
-        if cfg.train.gradient_checkpointing:
-            enable_gradient_checkpointing(base.diffusion_model)
-        self.base_model = base
-        self.frozen = FrozenSdxl(base, device, dtype=base.get_dtype(), attention=comfy_attention())
-        initial = c.initial_adapter
-        adapter = adapter_for_method(cfg.method.name, initial, base.diffusion_model, cfg.adapter, cfg.train.seed)
-        adapter.to(device)
-        widths = attn2_widths(base.diffusion_model)
-        modules = align_modules(cfg.method.align_blocks)
-        align_widths = sorted({w[1] for k, w in widths.items() if (k[0], k[1]) in modules})
-        dino_dim = None
-        if c.dino is not None:
-            dino_dim = int(probe_dino_width(c.dino))
-        self.module = SdxlTrainModule(adapter, cfg.method.name, dino_dim=dino_dim, align_widths=align_widths,
-                                      align_blocks=cfg.method.align_blocks,
-                                      projection_width=cfg.method.projection_width,
-                                      projector_dropout=cfg.method.projector_dropout, seed=cfg.train.seed).to(device)
+        self.method.setup_models(self, c)
 
     def _setup_data(self, c: Components) -> None:
-        if self.method is not None:
-            return self.method.setup_data(self, c)
-        cfg = self.config
-        adapter = self.module.adapter
-        cache = cfg.data.cache_dir or (Path(cfg.train.output_dir) / "cache")
-        dino = c.dino if self.module.aligns else None
-        self.encoders = Encoders(vae=c.vae, clip=c.clip, clip_vision=c.clip_vision, dino=dino,
-                                 image_crop=adapter.trained_crop)
-        self.store = FeatureStore(self.records, self.encoders, Path(cache), cfg.data.resolution,
-                                  cfg.data.dino_resolution,
-                                  image_features=lambda f: adapter.image_features(f.for_crop(adapter.trained_crop)))
-        if self.main:
-            bar = self._bar(len(self.records), "caching features")
-            self.store.fill(progress=lambda done, total: bar.update(1) if bar else None)
-            if bar:
-                bar.close()
-        self.acc.wait_for_everyone()
-        self.empty = self.store.empty_text()
-        self.layouts = [self.store.layout(i) for i in range(len(self.records))]
+        self.method.setup_data(self, c)
 
     def _setup_optimiser(self) -> None:
         cfg = self.config
@@ -246,29 +191,8 @@ class Trainer:
     # ---------------------------------------------------------------- the data stream
 
     def sample_at(self, position: int) -> Sample:
-        if self.method is not None:
-            return self.method.sample_at(self, position)
-        cfg = self.config
-        n = len(self.records)
-        i = record_index(cfg.train.seed, position, n)
-        feats = self.store.features(i)
-        layout, adm_size = self.layouts[i]
-        gen = torch.Generator().manual_seed(sample_seed(cfg.train.seed, position))
-        latent = feats["latent"]
-        noise = torch.randn(latent.shape, generator=gen)
-        timestep = int(torch.randint(0, len(self.frozen.sigmas), (1,), generator=gen))
-        counts = [int(c) for c in feats["counts"].tolist()]
-        starts = [sum(counts[:j]) for j in range(len(counts))]
-        pick = [s + int(torch.randint(0, c, (1,), generator=gen)) for s, c in zip(starts, counts)]
-        d = cfg.dropout
-        u = float(torch.rand((), generator=gen))  # one draw: text only, image only, both, or neither dropped
-        drop_text = u < d.text or d.text + d.image <= u < d.text + d.image + d.both
-        drop_image = d.text <= u < d.text + d.image or d.text + d.image <= u < d.text + d.image + d.both
-        text = self.empty if drop_text else feats
-        return Sample(latent=latent, context=text["context"], pooled=text["pooled"], adm_size=adm_size,
-                      layout=layout, image_features=feats["features"][pick], phrases=feats["phrases"],
-                      dino_cls=feats.get("cls"), dino_patch_mean=feats.get("patch_mean"), noise=noise,
-                      timestep=timestep, drop_image=drop_image)
+        """The record and the draws at ``position`` of the data stream (the method's own sample type)."""
+        return self.method.sample_at(self, position)
 
     def evaluate(self) -> float:
         """The diffusion loss of a fixed batch (records, noise, timesteps and dropout all fixed; no image or text
@@ -370,16 +294,8 @@ class Trainer:
         return self.acc.unwrap_model(self.module)
 
     def save_adapter(self, path: Path) -> None:
-        """The adapter as a ``TroupeLoadAdapter`` file (the refiner's alpha set to this step's warm-up value)."""
-        if self.method is not None:
-            return self.method.save_adapter(self, path)
-        adapter = self.unwrapped().adapter
-        if adapter.refiner is not None:
-            alpha, _ = phase_schedule(max(self.step - 1, 0), self.config.method.name, self.config.method.phase1_steps,
-                                      self.config.method.ramp_steps, self.config.method.align_weight)
-            adapter.refiner.alpha.fill_(alpha)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_sdxl_adapter(str(path), adapter)
+        """The trained file(s) as the loader nodes read them (the method decides which)."""
+        self.method.save_adapter(self, path)
 
     def save_checkpoint(self) -> Path:
         folder = self.out / f"{CHECKPOINT_PREFIX}{self.step:07d}"
@@ -453,15 +369,16 @@ class Trainer:
 
 
 def method_for(name: str):
-    """The method object of a FLUX method (``training.flux.FluxMethod``), or None for the SDXL methods, whose
-    set-up, data stream and saving are the trainer's own."""
+    """The method object of ``method.name``: ``training.flux.FluxMethod`` (dynaip) or ``training.sdxl.SdxlMethod``
+    (r3, ms-diffusion, multipersona). It sets up the frozen base and what trains, fills the feature caches, draws
+    the samples of the data stream and saves the files; the loop, checkpoints, resume and logs are the trainer's."""
     from .config import FLUX_METHODS
 
     if name in FLUX_METHODS:
         from .flux import FluxMethod
 
         return FluxMethod()
-    return None
+    return SdxlMethod()
 
 
 def _num(v: str):

@@ -327,3 +327,66 @@ def test_config_is_frozen(base, tmp_path):
     cfg = parse_config(base, tmp_path)
     with pytest.raises(AttributeError):
         cfg.train.steps = 5
+
+
+# --------------------------------------------------------------------------- dynaip (FLUX)
+
+
+def _dynaip(base: dict) -> dict:
+    data = dict(base)
+    data["model"] = {"unet": "flux1-dev.safetensors", "clip_l": "clip_l.safetensors", "t5": "t5xxl_fp16.safetensors",
+                     "vae": "ae.safetensors", "clip_vision": "open_clip_vit_l_14_336.safetensors"}
+    data["method"] = {"name": "dynaip"}
+    data.pop("sample")
+    return data
+
+
+def test_dynaip_gets_dynaip_defaults_and_keeps_written_values(base, tmp_path):
+    """DynaIP "Implementation Details": AdamW, cosine from 2e-5, weight decay 1e-4, 20,000 intra steps, 5% expert
+    dropout; the SDXL methods keep IP-Adapter's optimiser defaults; a written value always wins."""
+    cfg = parse_config(_dynaip(base), tmp_path)
+    assert cfg.method.flux and not cfg.method.aligns and cfg.model.checkpoint == ""
+    assert (cfg.model.unet, cfg.model.clip_l, cfg.model.t5, cfg.model.vae) == (
+        "flux1-dev.safetensors", "clip_l.safetensors", "t5xxl_fp16.safetensors", "ae.safetensors")
+    t = cfg.train
+    assert (t.learning_rate, t.lr_schedule, t.weight_decay) == (2e-5, "cosine", 1e-4)
+    assert (cfg.method.stage1_steps, cfg.method.expert_dropout) == (20000, 0.05)
+    assert (cfg.adapter.fusion_width, cfg.adapter.router_hidden) == (0, 256)
+    data = _dynaip(base)
+    data["train"] = dict(data["train"], learning_rate=1e-4, lr_schedule="constant")
+    data["method"] = {"name": "dynaip", "stage1_steps": 5, "expert_dropout": 0.1}
+    data["adapter"] = {"fusion_width": 3072, "router_hidden": 64}
+    cfg = parse_config(data, tmp_path)
+    assert (cfg.train.learning_rate, cfg.train.lr_schedule, cfg.train.weight_decay) == (1e-4, "constant", 1e-4)
+    assert (cfg.method.stage1_steps, cfg.method.expert_dropout, cfg.adapter.fusion_width) == (5, 0.1, 3072)
+    assert parse_config(json.loads(json.dumps(cfg.to_dict())), tmp_path) == cfg
+    sdxl = parse_config(base, tmp_path).train
+    assert (sdxl.learning_rate, sdxl.lr_schedule, sdxl.weight_decay) == (1e-4, "constant", 0.01)
+
+
+@pytest.mark.parametrize("key", ["unet", "clip_l", "t5", "vae", "clip_vision"])
+def test_dynaip_needs_the_flux_files(base, tmp_path, key):
+    data = _dynaip(base)
+    del data["model"][key]
+    message = _error(data, tmp_path)
+    assert message.startswith(f"model.{key}: required key is missing"), message
+    assert f"add it under [model], e.g. {key} = " in message
+
+
+@pytest.mark.parametrize("section, key, value, expected", [
+    ("method", "expert_dropout", 1.0, "method.expert_dropout: expected a number in [0, 1)"),
+    ("method", "stage1_steps", -1, "method.stage1_steps: expected a non-negative integer, got -1"),
+    ("adapter", "fusion_width", -1, "adapter.fusion_width: expected a non-negative integer, got -1"),
+    ("train", "gradient_checkpointing", True, "train.gradient_checkpointing: not available for method.name"),
+])
+def test_dynaip_bad_values_name_the_key(base, tmp_path, section, key, value, expected):
+    data = _dynaip(base)
+    data[section] = dict(data.get(section, {}), **{key: value})
+    message = _error(data, tmp_path)
+    assert message.startswith(expected), message
+
+
+def test_dynaip_refuses_sample_cases(base, tmp_path):
+    data = _dynaip(base)
+    data["sample"] = base["sample"]
+    assert _error(data, tmp_path).startswith('sample: sample grids are not available for method.name "dynaip"')

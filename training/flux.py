@@ -56,6 +56,18 @@ def stage_records(kinds: Sequence[str]) -> dict[str, list[int]]:
     return {k: [i for i, kind in enumerate(kinds) if kind == k] for k in ("intra", "cross")}
 
 
+def staged_record(seed: int, position: int, per_step: int, stage1_steps: int, stages: dict[str, list[int]]) -> int:
+    """The record at a training position: the position's step (``per_step`` = the global batch) picks the stage,
+    and the stage's own seeded permutation over its records (filtered first) picks the record. It depends on the
+    global batch only, so any number of processes sees the same stream."""
+    from .trainer import record_index
+
+    stage = stage_of(position // per_step, stage1_steps)
+    pool = stages[stage]
+    start = 0 if stage == "intra" else stage1_steps * per_step
+    return pool[record_index(seed + (0 if stage == "intra" else 1), position - start, len(pool))]
+
+
 def expert_drops(gen: torch.Generator, subjects: int, levels: int, rate: float) -> torch.Tensor:
     """[N, L] bool: each HMoE expert's feature dropped independently with ``rate`` (DynaIP, training only)."""
     return torch.rand(subjects, levels, generator=gen) < rate
@@ -338,10 +350,7 @@ class FluxMethod:
             return record_index(seed, position, len(trainer.records))
         t = cfg.train
         per_step = t.batch_size * t.grad_accum * trainer.acc.num_processes  # the global batch
-        stage = stage_of(position // per_step, cfg.method.stage1_steps)
-        pool = self.stages[stage]
-        start = 0 if stage == "intra" else cfg.method.stage1_steps * per_step
-        return pool[record_index(seed + (0 if stage == "intra" else 1), position - start, len(pool))]
+        return staged_record(seed, position, per_step, cfg.method.stage1_steps, self.stages)
 
     def sample_at(self, trainer, position: int) -> FluxSample:
         """Record and draws at ``position`` (noise, sigma, reference, dropouts); the evaluation stream drops

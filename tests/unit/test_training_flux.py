@@ -27,6 +27,7 @@ from comfyui_troupe.training.flux import (
     expert_drops,
     flow_matching_pair,
     stage_of,
+    staged_record,
 )
 from comfyui_troupe.training.trainer import EVAL_STREAM, Trainer, train
 
@@ -233,6 +234,21 @@ def test_stages_draw_intra_then_cross_records(dataset, tmp_path):
     assert not any(s.drop_image or s.expert_drop.any() for s in evals)
     drawn = [trainer.sample_at(p) for p in range(400)]
     assert 0 < sum(s.drop_image for s in drawn) < 100 and any(s.expert_drop.any() for s in drawn)
+
+
+def test_staged_stream_is_the_same_for_any_number_of_processes():
+    """2 processes x batch 2 and 1 process x batch 4 (and 4 x 1) train on the same records at every step: the stage
+    and the record depend on the global batch only (each process takes its slice, ``positions``)."""
+    from comfyui_troupe.training.trainer import positions
+
+    stages = {"intra": [0, 2, 3, 5, 7, 8], "cross": [1, 4, 6, 9]}
+    for step in range(12):
+        per_run = []
+        for world, batch in ((1, 4), (2, 2), (4, 1)):
+            pos = [p for r in range(world) for p in positions(step, 0, 1, batch, r, world)]
+            per_run.append([staged_record(5, p, world * batch, 6, stages) for p in pos])
+        assert per_run[0] == per_run[1] == per_run[2]
+        assert set(per_run[0]) <= set(stages["intra" if step < 6 else "cross"])
 
 
 def test_dynaip_run_lowers_the_fixed_batch_loss(dynaip_run):

@@ -198,9 +198,15 @@ class FluxTrainModule(nn.Module):
     def forward(self, base: FrozenFlux, samples: Sequence[FluxSample], alpha: float = 0.0,
                 align_weight: float = 0.0) -> dict:
         """``loss`` = ``diffusion``: the flow-matching MSE of the batch (``alpha`` / ``align_weight`` unused)."""
-        pred, target = base.predict(samples, TrainingInjection(self.injections(base, samples)))
+        patches = self.injections(base, samples)
+        pred, target = base.predict(samples, TrainingInjection(patches))
         diffusion = F.mse_loss(pred.float(), target.float())
-        return {"diffusion": diffusion, "loss": diffusion}
+        loss = diffusion
+        if torch.is_grad_enabled() and not any(p is not None for p in patches):
+            # every image dropped (CFG dropout): a zero that still reaches every parameter, so the backward pass
+            # and DDP's gradient averaging run as on any other step
+            loss = loss + 0.0 * sum(p.float().sum() for p in self.parameters())
+        return {"diffusion": diffusion, "loss": loss}
 
 
 # --------------------------------------------------------------------------- the frozen base
@@ -236,7 +242,10 @@ class FrozenFlux:
         guidance = torch.full((len(samples),), GUIDANCE, device=dev) if self.guidance else None
         options = {"patches_replace": {"dit": injection.replaces(self.double_blocks, self.single_blocks)},
                    "patches": {}, GEOMETRY_KEY: (int(x0.shape[-2]), int(x0.shape[-1]), int(context.shape[1]))}
-        out = self.dit(xc.to(dt), timestep.to(dt), context.to(dt), y=y.to(dt), guidance=guidance,
+        if guidance is not None:
+            guidance = guidance.to(dt)
+        # as BaseModel._apply_model: the timestep stays float32, the latent and the conditions take the model's dtype
+        out = self.dit(xc.to(dt), timestep, context.to(dt), y=y.to(dt), guidance=guidance,
                        transformer_options=options)
         return out.float(), target
 

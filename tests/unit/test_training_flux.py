@@ -162,6 +162,24 @@ def test_dds_text_tokens_get_the_term_in_training_only():
     assert (outs["train"]["img"] - outs["infer"]["img"]).abs().max() < 1e-5  # the image rows get the same term
 
 
+def test_a_batch_with_every_image_dropped_still_backpropagates():
+    """CFG dropout can drop every image of a micro-batch: the loss is the base model's and every trained weight
+    gets a zero gradient (not none), so the backward pass and DDP's averaging run as on any step."""
+    base = tiny_training_flux().model
+    torch.manual_seed(0)
+    module = FluxTrainModule(new_troupe_adapter(64, 64, 32, 2, 2), HMoE(HMoEConfig(in_dim=64, out_dim=64,
+                                                                                      router_hidden=32))).train()
+    g = torch.Generator().manual_seed(4)
+    sample = FluxSample(latent=torch.randn(16, 8, 8, generator=g), context=torch.randn(7, 64, generator=g),
+                        pooled=torch.randn(768, generator=g), layout=_adapter_and_layouts()[1][1],
+                        levels=torch.randn(1, 3, 5, 64, generator=g), noise=torch.randn(16, 8, 8, generator=g),
+                        sigma=0.5, drop_image=True, expert_drop=torch.zeros(1, 3, dtype=torch.bool))
+    out = module(FrozenFlux(base, "cpu"), [sample])
+    out["loss"].backward()
+    assert torch.equal(out["loss"], out["diffusion"])
+    assert all(p.grad is not None and not p.grad.any() for p in module.parameters())
+
+
 # --------------------------------------------------------------------------- HMoE expert dropout
 
 

@@ -153,6 +153,9 @@ def main() -> int:
     ap.add_argument("--gradient-checkpointing", action="store_true",
                     help="recompute every transformer block and ResBlock in the backward (training.sdxl)")
     ap.add_argument("--quick", action="store_true", help="transformer depth 1 in every module, 256 px by default")
+    ap.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw",
+                    help="sgd: plain SGD, no optimiser state (saves 2 x the adapter's size, about 4 GiB at full size, "
+                         "so the full-size step fits in 24 GB); the same in every configuration")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: keep 1, the test harness setting)")
     args = ap.parse_args()
     if args.threads:
@@ -194,7 +197,10 @@ def main() -> int:
     module_off.projection = None  # the same adapter and method, no alignment: no capture, no loss
     runs = {"off": (module_off, 0.0), "on": (module_on, ALIGN_WEIGHT), "cosines": (module_on, 0.0)}
     params = [p for p in adapter.parameters() if p.requires_grad]
-    optimiser = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01)  # the trainer's defaults, shared by all
+    if args.optimizer == "sgd":
+        optimiser = torch.optim.SGD(params, lr=1e-4)  # stateless: the full-size step fits 24 GB
+    else:
+        optimiser = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01)  # the trainer's defaults, shared by all
     samples = [cached_sample(size, args.subjects, sizes.image_width)]
     unet_params = sum(p.numel() for p in base.diffusion_model.parameters())
     adapter_params = sum(p.numel() for p in params)
@@ -253,7 +259,7 @@ def main() -> int:
           f"({adapter_params / 1e6:.0f} M trainable: {sizes.tokens} tokens, resampler {sizes.resampler_dim} x "
           f"{sizes.resampler_depth} on {sizes.image_width}-wide CLIP features, refiner {adapter.cross_dim} wide, "
           f"alpha 1); cached DINO features width {DINO_WIDTH}; REPA on down+mid ({len(aligned)} layers) through "
-          f"W2 W1 (width 512); gradient checkpointing {'on' if wrapped else 'off'}; AdamW, clip 1.0; median of "
+          f"W2 W1 (width 512); gradient checkpointing {'on' if wrapped else 'off'}; {args.optimizer}, clip 1.0; median of "
           f"{args.rounds} interleaved rounds after one warm-up step each (CPU time: the process's, all threads, "
           f"less sensitive to other jobs than wall time). Resident after the warm-up: "
           f"{steady_rss / 2**30:.1f} GiB.")

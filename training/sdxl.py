@@ -299,6 +299,10 @@ class SdxlTrainModule(nn.Module):
             out["align"] = align
             if align_weight > 0:
                 total = total + align_weight * align  # Eq. 11 / Eq. 8
+        if torch.is_grad_enabled() and all(p is None for p in patches):
+            # every image dropped (CFG dropout): a zero that still reaches every parameter, so the backward pass
+            # and DDP's gradient averaging run as on any other step
+            total = total + 0.0 * sum(p.float().sum() for p in self.parameters())
         out["loss"] = total
         return out
 

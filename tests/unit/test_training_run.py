@@ -220,3 +220,13 @@ def test_command_line_validates_manifests_and_refuses_bad_configs(dataset, tmp_p
     failed = run_cli("train", str(config))
     assert failed.returncode == 2
     assert "train.learnig_rate" in failed.stderr and "learning_rate" in failed.stderr, failed.stderr
+
+
+def test_a_step_with_every_image_dropped_trains_on(dataset, tmp_path):
+    """CFG dropout drops the image of a whole micro-batch on about 10% of steps at batch 1 (image 5% + both 5%):
+    such a step backpropagates zero gradients instead of stopping the run."""
+    config = config_for(tmp_path, dataset, "ms-diffusion", steps=2, dropout={"image": 1.0},
+                        train={"checkpoint_every": 2})
+    result = train(config, tiny_components(tmp_path), show_bar=False)
+    assert result.steps == 2 and result.adapter_path.exists()
+

@@ -300,16 +300,11 @@ class FluxMethod:
         import copy
 
         from ..nodes.encoding import vision_blocks
-        from .trainer import comfy_attention
+        from .trainer import comfy_attention, frozen_base
 
         cfg = trainer.config
-        with torch.inference_mode(False):
-            base = c.base_model if c.owned else copy.deepcopy(c.base_model)  # a normal tensor copy, ours alone
-        base.requires_grad_(False)
-        base.eval()
+        base = frozen_base(trainer, c)
         device = trainer.acc.device
-        base.to(device)
-        trainer.base_model = base
         trainer.frozen = FrozenFlux(base, device, dtype=base.get_dtype(), attention=comfy_attention())
         width = int(vision_blocks(c.clip_vision)[0].layer_norm1.weight.shape[0])
         adapter, fusion = new_modules(base.diffusion_model, width, cfg.adapter, cfg.train.seed)

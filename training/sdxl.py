@@ -535,20 +535,13 @@ class SdxlMethod:
     checkpoints, resume and logs stay the trainer's."""
 
     def setup_models(self, trainer, c) -> None:
-        import copy
-
-        from .trainer import comfy_attention, probe_dino_width
+        from .trainer import comfy_attention, frozen_base, probe_dino_width
 
         cfg = trainer.config
-        with torch.inference_mode(False):
-            base = c.base_model if c.owned else copy.deepcopy(c.base_model)  # a normal tensor copy, ours alone
-        base.requires_grad_(False)
-        base.eval()
+        base = frozen_base(trainer, c)
         device = trainer.acc.device
-        base.to(device)
         if cfg.train.gradient_checkpointing:
             enable_gradient_checkpointing(base.diffusion_model)
-        trainer.base_model = base
         trainer.frozen = FrozenSdxl(base, device, dtype=base.get_dtype(), attention=comfy_attention())
         initial = c.initial_adapter
         adapter = adapter_for_method(cfg.method.name, initial, base.diffusion_model, cfg.adapter, cfg.train.seed)

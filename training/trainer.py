@@ -17,6 +17,7 @@ checkpoint, sample grids (``samples/step-XXXXXX.png``) every ``sample_every`` st
 """
 from __future__ import annotations
 
+import copy
 import csv
 import hashlib
 import json
@@ -424,6 +425,18 @@ def flat_config(cfg: Config) -> dict:
                 if isinstance(v, (int, float, str, bool)):
                     out[f"{section}.{k}"] = v
     return out
+
+
+def frozen_base(trainer, components: Components):
+    """The base model a run trains against: the components' own when ``owned``, else a deep copy made outside
+    inference mode (normal tensors, ours alone), frozen, in eval mode, on the run's device."""
+    with torch.inference_mode(False):
+        base = components.base_model if components.owned else copy.deepcopy(components.base_model)
+    base.requires_grad_(False)
+    base.eval()
+    base.to(trainer.acc.device)
+    trainer.base_model = base
+    return base
 
 
 def comfy_attention() -> Callable:

@@ -123,12 +123,16 @@ def test_train_then_sample_with_the_new_adapter(comfy_server, dataset, artifacts
 
 
 def test_a_second_fresh_run_into_the_same_folder_is_refused(comfy_server, dataset):
-    """The run folder of the first test holds checkpoints: a fresh run there is refused before any training."""
-    if not (comfy_server.models_dir / "troupe" / f"{NAME}.safetensors").is_file():
-        pytest.skip("needs the run of test_train_then_sample_with_the_new_adapter")
+    """A run folder that holds a checkpoint (as a finished or cancelled run leaves it): a fresh run there is refused
+    before any training."""
+    name = "server_taken"
+    checkpoint = comfy_server.output_dir / "troupe_training" / name / "checkpoint-0000003"
+    checkpoint.mkdir(parents=True, exist_ok=True)
+    (checkpoint / "trainer_state.json").write_text('{"step": 3}')
     with pytest.raises(PromptError) as e:
-        comfy_server.run(train_prompt(dataset, steps=STEPS + 1))
+        comfy_server.run(train_prompt(dataset, output_name=name, steps=STEPS + 1))
     assert "TroupeTrainAdapter: input 'resume': the run folder" in str(e.value)
+    assert not (comfy_server.models_dir / "troupe" / f"{name}.safetensors").exists()
 
 
 def test_cancel_saves_a_checkpoint_and_resume_continues_it(comfy_server, dataset):

@@ -21,6 +21,7 @@ PACK_NODES = {
     "TroupeApplyFLUX",
     "TroupeReferenceBranch", "TroupeAttentionMaskPreview",
     "TroupeLoadOpenCLIP", "TroupeImageTextCLIP", "TroupeFidelity", "TroupeAttentionMaps", "TroupeAttentionMapsRender",
+    "TroupeTrainAdapter",
 }
 PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231"]
 

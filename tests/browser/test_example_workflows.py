@@ -156,7 +156,7 @@ CARD_TEXT = """(name) => {
 
 def test_the_template_browser_lists_every_workflow_with_its_thumbnail(page, comfy_server, artifacts):
     """Workflow -> Browse Templates -> Extensions -> ComfyUI-Troupe: one card per example workflow with its thumbnail
-    decoded; the card's title and description are the file name (frontends 1.32 and 1.49 read no title or
+    decoded; the card's title is the file name and its description the name or none (frontends 1.32 and 1.49 read no title or
     description for a custom node's templates), and no stray card (an ``index.json`` would show as one)."""
     module = next(m for m, names in comfy_server.get("/workflow_templates").json().items() if "layout_basics" in names)
     page.evaluate("() => app.extensionManager.command.execute('Comfy.BrowseTemplates')")
@@ -182,4 +182,6 @@ def test_the_template_browser_lists_every_workflow_with_its_thumbnail(page, comf
                                timeout=WAIT_MS)
     assert sorted(shown) == sorted(names), shown
     for name, card in cards.items():
-        assert card == {"title": name, "description": name.replace("_", " "), "thumbnail": True}, (name, card)
+        # frontend 1.32 shows the name with spaces as the description, 1.49 shows none
+        assert card["title"] == name and card["thumbnail"] is True, (name, card)
+        assert card["description"] in (name.replace("_", " "), None), (name, card)

@@ -431,12 +431,24 @@ def frozen_base(trainer, components: Components):
     """The base model a run trains against: the components' own when ``owned``, else a deep copy made outside
     inference mode (normal tensors, ours alone), frozen, in eval mode, on the run's device."""
     with torch.inference_mode(False):
-        base = components.base_model if components.owned else copy.deepcopy(components.base_model)
+        base = components.base_model if components.owned else own_copy(components.base_model)
     base.requires_grad_(False)
     base.eval()
     base.to(trainer.acc.device)
     trainer.base_model = base
     return base
+
+
+def own_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of a ComfyUI ``BaseModel`` that shares no module, parameter or buffer with it: every child module is
+    deep-copied (normal tensors, outside inference mode), the rest of the object is shallow-copied. ComfyUI >= 0.33
+    keeps attributes a whole-object deepcopy cannot copy."""
+    out = copy.copy(model)
+    out._parameters = {k: None if v is None else torch.nn.Parameter(v.detach().clone(), v.requires_grad)
+                       for k, v in model._parameters.items()}
+    out._buffers = {k: None if v is None else v.detach().clone() for k, v in model._buffers.items()}
+    out._modules = {k: None if v is None else copy.deepcopy(v) for k, v in model._modules.items()}
+    return out
 
 
 def comfy_attention() -> Callable:

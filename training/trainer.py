@@ -17,6 +17,7 @@ checkpoint, sample grids (``samples/step-XXXXXX.png``) every ``sample_every`` st
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import hashlib
@@ -221,6 +222,10 @@ class Trainer:
     # ---------------------------------------------------------------- the loop
 
     def run(self) -> TrainResult:
+        with comfy_training_mode():
+            return self._run()
+
+    def _run(self) -> TrainResult:
         cfg = self.config
         t = cfg.train
         self._maybe_resume()
@@ -449,6 +454,24 @@ def own_copy(model: torch.nn.Module) -> torch.nn.Module:
     out._buffers = {k: None if v is None else v.detach().clone() for k, v in model._buffers.items()}
     out._modules = {k: None if v is None else copy.deepcopy(v) for k, v in model._modules.items()}
     return out
+
+
+@contextlib.contextmanager
+def comfy_training_mode():
+    """ComfyUI's own switch for training (``model_management.in_training``, ComfyUI >= 0.33: its FLUX RoPE then runs
+    the autograd-capable torch code instead of a comfy_kitchen kernel); restored afterwards. Older hosts have no
+    switch and need none."""
+    import comfy.model_management as mm
+
+    if not hasattr(mm, "in_training"):
+        yield
+        return
+    before = mm.in_training
+    mm.in_training = True
+    try:
+        yield
+    finally:
+        mm.in_training = before
 
 
 def comfy_attention() -> Callable:

@@ -29,7 +29,7 @@ from comfyui_troupe.training.flux import (
     stage_of,
     staged_record,
 )
-from comfyui_troupe.training.trainer import EVAL_STREAM, Trainer, train
+from comfyui_troupe.training.trainer import EVAL_STREAM, Trainer, comfy_training_mode, train
 
 STEPS = 36
 
@@ -117,11 +117,12 @@ def test_trainable_injection_gives_the_inference_numbers_and_gradients():
             expected.append(ref)
     patches = [FluxInjection(adapter, adapter.image_proj(f), params, lay, 2, trainable=True)
                for f, lay in zip(feats, layouts)]
-    out = _forward(dit, x, context, y, TrainingInjection(patches).replaces(2, 2))
-    assert torch.allclose(out, torch.cat(expected), atol=1e-5)
-    base = _forward(dit, x, context, y, {})
-    assert (out - base).abs().max() > 1e-3  # the term reaches the output
-    out.square().mean().backward()
+    with comfy_training_mode():  # ComfyUI 0.33's FLUX RoPE is differentiable only in its training mode
+        out = _forward(dit, x, context, y, TrainingInjection(patches).replaces(2, 2))
+        assert torch.allclose(out, torch.cat(expected), atol=1e-5)
+        base = _forward(dit, x, context, y, {})
+        assert (out - base).abs().max() > 1e-3  # the term reaches the output
+        out.square().mean().backward()
     for n, p in adapter.named_parameters():
         assert p.grad is not None and p.grad.abs().max() > 0, n
 

@@ -129,6 +129,15 @@ def test_resume_from_step_30_reproduces_the_uninterrupted_run(r3_run, dataset, t
         assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), k
 
 
+def free_port() -> int:
+    """A TCP port nothing listens on now (another run on this machine may hold the default 29500)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def _launch(work: Path, config, processes: int) -> dict[str, torch.Tensor]:
     work.mkdir(parents=True, exist_ok=True)
     (work / "config.json").write_text(json.dumps(config.to_dict()))
@@ -136,7 +145,7 @@ def _launch(work: Path, config, processes: int) -> dict[str, torch.Tensor]:
     # torchrun, as `accelerate launch --multi_gpu` runs it on GPUs: it starts the processes and the engine reads
     # their rank from the environment (on CPU: DistributedType.MULTI_CPU, gloo, DDP)
     cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port",
-           str(29500 + processes), str(ROOT / "tests" / "train_tiny.py"), str(work / "config.json"), str(work)]
+           str(free_port()), str(ROOT / "tests" / "train_tiny.py"), str(work / "config.json"), str(work)]
     done = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return load_file(str(Path(config.train.output_dir) / "run.safetensors"))

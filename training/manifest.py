@@ -12,6 +12,9 @@
   single-subject data);
 - ``kind``: ``"intra"`` (references cut from the target) or ``"cross"`` (references from other photos of the
   subject), DynaIP's intra-/cross-pair data; ``meta``: free-form, ignored.
+- ``correspondences`` (per subject, optional): ``[[ref_x, ref_y, target_x, target_y], ...]``, normalised points of
+  the subject's first reference (or its crop) and of the target that show the same part (MOSAIC's correspondence
+  loss; ``troupe_train.py correspond`` proposes them as pseudo-labels).
 
 ``read_manifest`` reports every problem of a file at once, each as ``manifest.jsonl line 7: ...``.
 The format for users is in docs/training-data.md.
@@ -38,7 +41,8 @@ KINDS = ("intra", "cross")
 CROP = "crop"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 RECORD_FIELDS = ("image", "caption", "subjects", "kind", "meta")
-SUBJECT_FIELDS = ("label", "box", "mask", "references")
+SUBJECT_FIELDS = ("label", "box", "mask", "references", "correspondences")
+Correspondence = tuple[float, float, float, float]  # (ref_x, ref_y, target_x, target_y), normalised
 Box = tuple[float, float, float, float]
 
 
@@ -78,6 +82,7 @@ class SubjectRecord:
     box: Box
     mask: Path | None
     references: tuple[Path, ...]  # empty: crop the target at the box ("crop" in the manifest)
+    correspondences: tuple[Correspondence, ...] = ()  # points of the first reference -> the target (mosaic)
 
     @property
     def crop_from_target(self) -> bool:
@@ -167,10 +172,32 @@ def _subject(item: Any, at: str, caption: str | None, base: Path, problems: list
         got = json.dumps(refs) if "references" in item else "nothing"
         problems.append(f'{at}: "references" must be a non-empty list of image paths or "crop" (crop the target '
                         f"at the box), got {got}")
+    pairs = _correspondences(item.get("correspondences", []), at, problems)
     if len(problems) > before:
         return None
     return SubjectRecord(label=label.strip(), box=box, mask=_path(base, mask) if mask else None,
-                         references=references)
+                         references=references, correspondences=pairs)
+
+
+def _correspondences(value: Any, at: str, problems: list[str]) -> tuple[Correspondence, ...]:
+    """The optional ``correspondences`` of a subject: [ref_x, ref_y, target_x, target_y] lists, each number a
+    fraction in [0, 1] of its image (the subject's first reference, the target); MOSAIC's correspondence loss."""
+    def point(p: Any) -> bool:
+        return (isinstance(p, list) and len(p) == 4 and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v <= 1.0 for v in p))
+
+    if not isinstance(value, list):
+        problems.append(f'{at}: "correspondences" must be a list of [ref_x, ref_y, target_x, target_y] lists, got '
+                        f"{json.dumps(value)}")
+        return ()
+    bad = [i + 1 for i, p in enumerate(value) if not point(p)]
+    if bad:
+        problems.append(f'{at}: "correspondences" entry {", ".join(map(str, bad[:5]))}'
+                        + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else "")
+                        + f" is not [ref_x, ref_y, target_x, target_y] with numbers in [0, 1] (fractions of the "
+                        f"reference and the target image), got {json.dumps(value[bad[0] - 1])}")
+        return ()
+    return tuple(tuple(float(v) for v in p) for p in value)
 
 
 def _record(text: str, line: int, base: Path) -> tuple[Record | None, list[str], list[FileRef]]:

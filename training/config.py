@@ -21,12 +21,17 @@ from typing import Any
 from ..models.layout.layout import LayoutError, validate_box
 from .manifest import MAX_SUBJECTS, label_in_caption
 
-METHODS = ("r3", "ms-diffusion", "multipersona", "dynaip")
-FLUX_METHODS = ("dynaip",)  # methods that train a FLUX adapter (the rest train SDXL adapters)
+METHODS = ("r3", "ms-diffusion", "multipersona", "dynaip", "mosaic")
+FLUX_METHODS = ("dynaip", "mosaic")  # methods that train a FLUX adapter (the rest train SDXL adapters)
+REFERENCE_METHODS = ("mosaic",)  # FLUX methods that train the reference branch (training/reference.py): no CLIP vision
 SDXL_METHODS = tuple(m for m in METHODS if m not in FLUX_METHODS)
 FLUX_MODEL_KEYS = ("unet", "clip_l", "t5", "vae")  # the separate FLUX files a FLUX method needs
 # DynaIP "Implementation Details": AdamW, cosine schedule from 2e-5, weight decay 1e-4; the defaults of a dynaip run
 DYNAIP_TRAIN_DEFAULTS = {"learning_rate": 2e-5, "lr_schedule": "cosine", "weight_decay": 1e-4}
+# mosaic: the reference LoRA alone trains; 1e-4 constant is our choice (diffusers' FLUX LoRA trainers' default rate;
+# MOSAIC's abstract gives none), weight decay as dynaip
+MOSAIC_TRAIN_DEFAULTS = {"learning_rate": 1e-4, "lr_schedule": "constant", "weight_decay": 1e-4}
+ATTENTION_LAYER_SETS = ("double", "single", "all")  # or a list: "double_blocks.3,single_blocks.10"
 ALIGNING_METHODS = ("r3", "multipersona")  # methods with an alignment loss against DINO features
 ALIGN_BLOCKS = ("down+mid", "down", "mid")
 LR_SCHEDULES = ("constant", "cosine", "linear")
@@ -91,6 +96,21 @@ class MethodConfig:
     expert_dropout: float = 0.05
     """dynaip: each HMoE expert's feature is dropped independently with this rate in training; DynaIP
     "Implementation Details"."""
+    lora_rank: int = 16
+    """mosaic: rank of the reference LoRA (AlignGen's rank-16 reference LoRA, "Training Strategy"; MOSAIC's abstract
+    gives none); docs/training.md, "mosaic"."""
+    correspondence_weight: float = 0.1
+    """mosaic: weight of the semantic correspondence attention loss (a cross-entropy, log R at the start); our
+    choice, docs/training.md "mosaic"."""
+    disentangle_weight: float = 0.1
+    """mosaic: weight of the multi-reference disentanglement loss (squared cosine, in [0, 1]); our choice."""
+    attention_layers: str = "double"
+    """mosaic: the blocks whose attention the two losses read: "double", "single", "all" or a comma list like
+    "double_blocks.9,single_blocks.0"; our choice (the double blocks, where image and references keep their own
+    projections)."""
+    attention_rows: int = 256
+    """mosaic: at most this many image rows (an even stride over the image tokens) enter the disentanglement loss per
+    layer; explicit attention rows cost rows x keys x heads floats; our choice."""
 
     @property
     def flux(self) -> bool:
@@ -420,7 +440,8 @@ def _model(t: _Table, method: str = "r3") -> ModelConfig:
         files[key] = (_required_text(t, key, f' (method.name "{method}" trains on FLUX)') if flux
                       else t.text(key).strip())
     checkpoint = t.text("checkpoint").strip() if flux else _required_text(t, "checkpoint")
-    return ModelConfig(checkpoint=checkpoint, clip_vision=_required_text(t, "clip_vision"),
+    vision = t.text("clip_vision").strip() if method in REFERENCE_METHODS else _required_text(t, "clip_vision")
+    return ModelConfig(checkpoint=checkpoint, clip_vision=vision,
                        dino=t.text("dino").strip(), comfyui=t.path("comfyui"), **files)
 
 
@@ -432,7 +453,21 @@ def _method(t: _Table) -> MethodConfig:
         projection_width=t.integer("projection_width", 1),
         projector_dropout=t.number("projector_dropout", 0.0, 1.0, hi_open=True),
         stage1_steps=t.integer("stage1_steps", 0), expert_dropout=t.number("expert_dropout", 0.0, 1.0, hi_open=True),
+        lora_rank=t.integer("lora_rank", 1), correspondence_weight=t.number("correspondence_weight", 0.0),
+        disentangle_weight=t.number("disentangle_weight", 0.0), attention_layers=_attention_layers(t),
+        attention_rows=t.integer("attention_rows", 1),
     )
+
+
+def _attention_layers(t: _Table) -> str:
+    value = t.text("attention_layers").strip()
+    names = [v.strip() for v in value.split(",")]
+    if value in ATTENTION_LAYER_SETS or (value and all(
+            n.startswith(("double_blocks.", "single_blocks.")) and n.split(".", 1)[1].isdigit()
+            for n in names)):
+        return value
+    raise t.fail("attention_layers", '"double", "single", "all" or block names like "double_blocks.9,single_blocks.0"',
+                 value)
 
 
 def _adapter(t: _Table) -> AdapterConfig:
@@ -525,7 +560,8 @@ def parse_config(data: dict, base_dir: str | os.PathLike) -> Config:
     model, train = _model(table("model"), method.name), _train(table("train"))
     if method.flux:
         given = data.get("train", {}) if isinstance(data.get("train"), dict) else {}
-        train = dataclasses.replace(train, **{k: v for k, v in DYNAIP_TRAIN_DEFAULTS.items() if k not in given})
+        defaults = MOSAIC_TRAIN_DEFAULTS if method.name == "mosaic" else DYNAIP_TRAIN_DEFAULTS
+        train = dataclasses.replace(train, **{k: v for k, v in defaults.items() if k not in given})
         if train.gradient_checkpointing:
             raise ConfigError(f'train.gradient_checkpointing: not available for method.name "{method.name}" yet; '
                               "set it to false")

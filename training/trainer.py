@@ -375,11 +375,16 @@ class Trainer:
 
 
 def method_for(name: str):
-    """The method object of ``method.name``: ``training.flux.FluxMethod`` (dynaip) or ``training.sdxl.SdxlMethod``
-    (r3, ms-diffusion, multipersona). It sets up the frozen base and what trains, fills the feature caches, draws
-    the samples of the data stream and saves the files; the loop, checkpoints, resume and logs are the trainer's."""
+    """The method object of ``method.name``: ``training.flux.FluxMethod`` (dynaip),
+    ``training.reference.ReferenceMethod`` (mosaic) or ``training.sdxl.SdxlMethod`` (r3, ms-diffusion, multipersona).
+    It sets up the frozen base and what trains, fills the feature caches, draws the samples of the data stream and
+    saves the files; the loop, checkpoints, resume and logs are the trainer's."""
     from .config import FLUX_METHODS
 
+    if name == "mosaic":
+        from .reference import ReferenceMethod
+
+        return ReferenceMethod()
     if name in FLUX_METHODS:
         from .flux import FluxMethod
 

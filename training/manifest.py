@@ -24,6 +24,7 @@ from __future__ import annotations
 import difflib
 import json
 import logging
+import math
 import os
 import re
 from collections import Counter
@@ -40,7 +41,7 @@ MAX_SUBJECTS = MAX_REGIONS  # 8: the layout's limit, so every training record fi
 KINDS = ("intra", "cross")
 CROP = "crop"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
-RECORD_FIELDS = ("image", "caption", "subjects", "kind", "meta")
+RECORD_FIELDS = ("image", "caption", "subjects", "kind", "meta", "loser", "scores")
 SUBJECT_FIELDS = ("label", "box", "mask", "references", "correspondences")
 Correspondence = tuple[float, float, float, float]  # (ref_x, ref_y, target_x, target_y), normalised
 Box = tuple[float, float, float, float]
@@ -99,6 +100,8 @@ class Record:
     caption: str
     subjects: tuple[SubjectRecord, ...]
     kind: str = "intra"
+    loser: Path | None = None  # a preference pair (FocusDPO): ``image`` is the winner, this the loser
+    scores: tuple[float, float] | None = None  # (winner, loser) reward scores, when the pair was scored
 
 
 # --------------------------------------------------------------------------- parsing one line
@@ -243,9 +246,24 @@ def _record(text: str, line: int, base: Path) -> tuple[Record | None, list[str],
             if crops:
                 problems.append(f'kind "cross" but subject {", ".join(map(str, crops))} uses "crop": a cross-pair '
                                 f'record takes references from other photos; list them or set kind "intra"')
+    loser, scores = data.get("loser"), data.get("scores")
+    if "loser" in data:
+        if not isinstance(loser, str) or not loser:
+            problems.append(f'"loser" must be the path of the less preferred image of a preference pair, got '
+                            f"{json.dumps(loser)}")
+        else:
+            files.append(("loser", _path(base, loser), "image"))
+    if "scores" in data:
+        if "loser" not in data:
+            problems.append('"scores" belongs to a preference pair: give "loser" too, or drop "scores"')
+        elif (not isinstance(scores, list) or len(scores) != 2
+              or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in scores)):
+            problems.append(f'"scores" must be [winner score, loser score] (two finite numbers), got {json.dumps(scores)}')
     if problems:
         return None, problems, files
-    record = Record(line=line, image=_path(base, image), caption=caption, subjects=tuple(parsed), kind=kind)
+    record = Record(line=line, image=_path(base, image), caption=caption, subjects=tuple(parsed), kind=kind,
+                    loser=_path(base, loser) if isinstance(loser, str) else None,
+                    scores=tuple(float(v) for v in scores) if isinstance(scores, list) else None)
     return record, [], files
 
 
@@ -368,9 +386,10 @@ def _scan(path: Path, check_files: bool) -> ValidationReport:
         problems.extend((line, msg) for msg in found)
         if record is None:
             continue
-        key = (record.image, tuple(record.subjects))
+        key = (record.image, tuple(record.subjects), record.loser)  # one winner may meet several losers
         if key in seen:
-            problems.append((line, f"duplicate of line {seen[key]} (same image and same subjects); drop one"))
+            same = "same images" if record.loser else "same image"
+            problems.append((line, f"duplicate of line {seen[key]} ({same} and same subjects); drop one"))
             files[line] = []
             continue
         seen[key] = line

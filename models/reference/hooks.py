@@ -98,6 +98,21 @@ def prepare_stream(branch: ReferenceBranch, x: torch.Tensor, y: torch.Tensor | N
     return stream
 
 
+def training_stream(branch: ReferenceBranch, y: torch.Tensor | None, batch: int, img_grid: tuple[int, int], dtype,
+                    device, item_positions=None, item_blocked=None) -> Stream:
+    """The reference stream of one training forward: the same tokens, modulation vector (t = ``options.timestep``)
+    and RoPE table as ``prepare_stream``, built fresh from ``branch.lora`` (its parameters as they are, not a moved
+    copy) with no run cache, so every tensor keeps its autograd graph; joint attention only (the ``self_cached`` K/V
+    are an inference cache)."""
+    if branch.options.attention != "joint":
+        raise ValueError(f"training runs the joint reference attention, got {branch.options.attention!r}")
+    lora = branch.lora
+    vec = reference_vec(branch.dit, y, batch, branch.options, dtype, device)
+    tokens = reference_tokens(branch, lora, dtype, device)
+    return Stream(branch, tokens.expand(batch, -1, -1), vec, reference_pe(branch, batch, device), img_grid, lora,
+                  item_positions=item_positions, item_blocked=item_blocked)
+
+
 def aligned_context(branch: ReferenceBranch, run: dict, context: torch.Tensor, is_cond: list[bool]):
     """AlignGen's S* + DEM (Sec. 3.2 of 002) on the conditioning, computed once per run and condition."""
     key = (tuple(is_cond), tuple(context.shape))

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
+import os
+import re
 from dataclasses import dataclass
 
 import comfy.ldm.flux.math
@@ -21,9 +24,10 @@ from ..models.reference.branch import (
     ReferenceOptions,
     label_positions,
     prepare_reference_image,
+    token_ids,
     trained_positions,
 )
-from ..models.reference.dem import Alignment, insert_positions, load_dem
+from ..models.reference.dem import Alignment, StarNotFound, TokenAlignment, load_dem, star_positions
 from ..models.reference.hooks import ReferencePatch
 from ..models.reference.lora import FluxDims, load_reference_lora
 from ..models.reference.mask_preview import draw_attention_mask
@@ -70,7 +74,64 @@ def t5_tokenizer(clip=None):
         return tok
     from comfy.text_encoders.flux import T5XXLTokenizer
 
-    return T5XXLTokenizer()
+    return T5XXLTokenizer(embedding_directory=folder_paths.get_folder_paths("embeddings"))
+
+
+class EmbeddingsAsIds:
+    """A view of a ComfyUI tokenizer whose embedding vectors (``embedding:<name>`` in the prompt) read as the id -1,
+    so label positions are found in the same token sequence T5 receives."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.end_token = getattr(tokenizer, "end_token", 1)
+        self.pad_token = getattr(tokenizer, "pad_token", 0)
+
+    def tokenize_with_weights(self, text: str, return_word_ids: bool = False, **kwargs):
+        batches = self.tokenizer.tokenize_with_weights(text, return_word_ids=return_word_ids, **kwargs)
+        return [[(t[0] if isinstance(t[0], numbers.Integral) else -1, *t[1:]) for t in batch] for batch in batches]
+
+
+EMBEDDING_WORD = re.compile(r"(?:^|(?<=\s))embedding:([^\s,<\[]+)")
+S_STAR_EXAMPLE = "aligngen_s_star"
+
+
+def embedding_path(tokenizer, name: str) -> str | None:
+    """The file ``embedding:<name>`` loads, found as ComfyUI's ``load_embed`` finds it (the name, then with
+    .safetensors / .pt / .bin, in each embeddings folder)."""
+    dirs = getattr(tokenizer, "embedding_directory", None) or []
+    for folder in [dirs] if isinstance(dirs, str) else dirs:
+        base = os.path.abspath(os.path.join(folder, name))
+        for candidate in (base, base + ".safetensors", base + ".pt", base + ".bin"):
+            if os.path.isfile(candidate):
+                return candidate
+    return None
+
+
+def check_s_star_embeddings(tokenizer, prompt: str, dim: int, example: str) -> None:
+    """Every ``embedding:<name>`` in the prompt must be a T5 input embedding the DEM can read: a file in
+    models/embeddings holding ``t5xxl`` of shape [1, dim] (or [n, dim] for other textual inversions)."""
+    if getattr(tokenizer, "embedding_directory", None) is None:
+        raise node_error(NODE, "clip", "this CLIP's tokenizer has no embeddings folder, so 'embedding:' words in the "
+                                       "prompt are read as plain text; load the text encoders with DualCLIPLoader "
+                                       "(type flux) or leave 'clip' empty")
+    fix = (f"put the S* file the AlignGen trainer wrote (e.g. {example}.safetensors, key 't5xxl', shape [1, {dim}]) "
+           f"in models/embeddings and write 'embedding:{example}' right before each subject's label")
+    for name in dict.fromkeys(EMBEDDING_WORD.findall(prompt)):
+        path = embedding_path(tokenizer, name)
+        if path is None:
+            raise node_error(NODE, "prompt", f"embedding '{name}' is not in models/embeddings; {fix}")
+        try:
+            sd = read_state_dict(path)
+        except AdapterFormatError as e:
+            raise node_error(NODE, "prompt", f"embedding '{name}' ({os.path.basename(path)}) cannot be read: {e}; "
+                                             f"{fix}") from None
+        vec = sd.get("t5xxl")
+        if not isinstance(vec, torch.Tensor):
+            raise node_error(NODE, "prompt", f"embedding '{name}' has no 't5xxl' tensor (keys: {sorted(sd)[:4]}): it "
+                                             f"is not a T5 (FLUX) textual inversion; {fix}")
+        if vec.dim() != 2 or vec.shape[-1] != dim:
+            raise node_error(NODE, "prompt", f"embedding '{name}' has 't5xxl' of shape {list(vec.shape)}, the DEM "
+                                             f"and T5 need [1, {dim}]; {fix}")
 
 
 def find_labels(tokenizer, prompt: str, labels: list[str]) -> tuple[list[list[int]], int]:
@@ -106,7 +167,10 @@ def read_lora(name: str, dit):
         raise node_error(NODE, "lora_name", f"{name}: {e}") from None
 
 
-def read_dem(name: str, label_pos: list[list[int]], n_t5: int) -> Alignment:
+def read_dem(name: str, label_pos: list[list[int]], n_t5: int, tokenizer=None, prompt: str = "",
+             labels: list[str] | None = None) -> Alignment | TokenAlignment:
+    """The DEM file as the alignment the branch runs: ``TokenAlignment`` (S* a T5 input embedding written in the
+    prompt) or, for a legacy file with ``s_star`` in T5's output space, ``Alignment`` exactly as before."""
     path = folder_paths.get_full_path_or_raise("troupe", name)
     try:
         sd = read_state_dict(path)  # a truncated or unsafe file is refused here, named, before the header is read
@@ -119,7 +183,20 @@ def read_dem(name: str, label_pos: list[list[int]], n_t5: int) -> Alignment:
         dem = load_dem(sd, metadata)
     except AdapterFormatError as e:
         raise node_error(NODE, "dem_name", f"{name}: {e}") from None
-    return Alignment(dem, label_pos, n_t5)
+    if dem.legacy:
+        return Alignment(dem, label_pos, n_t5)
+    tokenizer = tokenizer if tokenizer is not None else t5_tokenizer()
+    example = metadata.get("embedding") or S_STAR_EXAMPLE
+    check_s_star_embeddings(tokenizer, prompt, dem.dim, example)
+    ids = token_ids(EmbeddingsAsIds(tokenizer), prompt)
+    try:
+        stars = star_positions([i == -1 for i in ids], label_pos, labels)
+    except StarNotFound as e:
+        raise node_error(NODE, "prompt", f"{e}: with the DEM file '{name}', write the S* embedding right before each "
+                                         f"subject's label, e.g. 'a photo of embedding:{example} corgi' (the same "
+                                         "prompt in the text encoder), or pick a legacy DEM file or none") from None
+    concept = [[star] + list(pos) for star, pos in zip(stars, label_pos)]
+    return TokenAlignment(dem, stars, concept, n_t5, embedding=example)
 
 
 def reference_patches(model) -> list[ReferencePatch]:
@@ -153,9 +230,12 @@ def reference_branch(model, vae, subjects, inputs: BranchInputs, layout=None, cl
                                            "chained with another reference branch; put every subject in one "
                                            "TroupeReferenceBranch, or set dem_name to none on both")
     tokenizer = t5_tokenizer(clip)
-    positions, n_t5 = find_labels(tokenizer, inputs.prompt, [s.label for s in subjects])
+    labels = [s.label for s in subjects]
+    positions, n_t5 = find_labels(EmbeddingsAsIds(tokenizer), inputs.prompt, labels)
     lora = read_lora(inputs.lora_name, dit) if inputs.lora_name != NONE else None
-    dem = read_dem(inputs.dem_name, positions, n_t5) if inputs.dem_name != NONE else None
+    dem = None
+    if inputs.dem_name != NONE:
+        dem = read_dem(inputs.dem_name, positions, n_t5, tokenizer, inputs.prompt, labels)
     latents, owner = encode_references(vae, model, subjects, inputs.reference_size)
     region_masks = None
     if layout is not None:
@@ -166,7 +246,7 @@ def reference_branch(model, vae, subjects, inputs: BranchInputs, layout=None, cl
                              concept_positions=positions, subject_weights=[s.weight for s in subjects],
                              region_masks=region_masks, lora=lora, dem=dem,
                              compute_dtype=getattr(base, "manual_cast_dtype", None) or base.get_dtype(),
-                             n_txt_hint=n_t5 + (len(subjects) if dem is not None else 0))
+                             n_txt_hint=dem.n_aligned if dem is not None else n_t5)
     patched = install_branch(model, branch)
     lines = [f"{len(latents)} reference(s) of {len(subjects)} subject(s) at {inputs.reference_size}px, "
              f"t_ref={opts.timestep}, attention={opts.attention}, positions: {opts.positions}"
@@ -176,8 +256,14 @@ def reference_branch(model, vae, subjects, inputs: BranchInputs, layout=None, cl
     for s, p in zip(subjects, positions):
         lines.append(f"  {s.label!r}: T5 tokens {p}")
     lines.append(f"LoRA: {lora.summary() if lora else 'none (base weights on the reference tokens)'}")
-    lines.append("DEM: " + (f"{inputs.dem_name} (S* + Deviation Extraction Module, needs Redux tokens)" if dem else
-                            "none: running the reference branch and masks alone (no S*)"))
+    if isinstance(dem, TokenAlignment):
+        lines.append(f"DEM: {inputs.dem_name} (S* = the T5 input embedding before each label, at T5 tokens "
+                     f"{dem.stars}, updated by the Deviation Extraction Module; needs Redux tokens)")
+    elif dem is not None:
+        lines.append(f"DEM: {inputs.dem_name} (legacy S* in T5 output space: a vector inserted after the text encoder "
+                     "before each label, T5 never sees it; needs Redux tokens)")
+    else:
+        lines.append("DEM: none: running the reference branch and masks alone (no S*)")
     return patched, "\n".join(lines)
 
 
@@ -191,7 +277,7 @@ def mask_preview(model, width: int, height: int, size: int = 768) -> torch.Tenso
     grid = token_grid(height // 8, width // 8, branch.patch)
     positions = branch.concept_positions
     if branch.dem is not None:
-        positions = insert_positions(branch.dem.label_positions)[1]
+        positions = branch.dem.aligned_positions()
     spec = branch.mask_spec(branch.n_txt_hint, grid[0] * grid[1], grid, positions)
     return draw_attention_mask(spec, size)
 
@@ -244,8 +330,10 @@ class TroupeReferenceBranch(io.ComfyNode):
                 types.Subjects.Input("subjects", tooltip="The subjects (TroupeSubjectList); every view of a subject "
                                                          "becomes one reference, masked to the subject."),
                 io.String.Input("prompt", multiline=True, default="a photo of a corgi and a teapot",
-                                tooltip="The positive prompt, as given to the text encoder: each subject's label "
-                                        "is located in its T5 tokens (selective mask, S*)."),
+                                tooltip="The positive prompt, exactly as given to the text encoder: each subject's "
+                                        "label is located in its T5 tokens (selective mask, S*). With a DEM file, "
+                                        "write the S* embedding before each label: 'a photo of "
+                                        "embedding:aligngen_s_star corgi'."),
                 io.Int.Input("reference_size", default=512, min=64, max=2048, step=16,
                              tooltip="Side of the square each reference is resized to (MOSAIC was trained at 512)."),
                 io.Float.Input("reference_timestep", default=0.0, min=0.0, max=1.0, step=0.01,
@@ -269,8 +357,11 @@ class TroupeReferenceBranch(io.ComfyNode):
                 io.Float.Input("lora_strength", default=1.0, min=0.0, max=2.0, step=0.05,
                                tooltip="Scale of the reference LoRA (1 = as trained)."),
                 io.Combo.Input("dem_name", options=_files(), default=NONE,
-                               tooltip="S* + Deviation Extraction Module weights (AlignGen) in models/troupe; "
-                                       "needs each subject's Redux tokens in the conditioning. none = branch and "
+                               tooltip="Deviation Extraction Module weights (AlignGen) in models/troupe; S* is "
+                                       "the T5 embedding (models/embeddings) written as 'embedding:<name>' before "
+                                       "each label in the prompt. Needs each subject's Redux tokens in the "
+                                       "conditioning. Legacy DEM files (with S* inside) still run: their S* is "
+                                       "inserted after the text encoder (the report says so). none = branch and "
                                        "masks alone."),
                 types.Layout.Input("layout", optional=True,
                                    tooltip="Subject regions (region i = subject i), for the 'region' option."),

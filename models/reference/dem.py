@@ -1,22 +1,29 @@
-"""Learnable token S* and the Deviation Extraction Module (AlignGen, Eqs. 3-5 of 002).
+"""Learnable token S* and the Deviation Extraction Module (AlignGen: cross-modality prior alignment, Sec. 3.2).
 
-S* is inserted before each subject's concept tokens; the DEM updates it from the concept tokens and the
-subject's Redux tokens, and only S* is replaced (Sec. 3.2 of 002):
+S* is prepended to each subject's concept name; the DEM updates it from the concept tokens and the subject's
+Redux tokens, and only S* is replaced:
 
     c' = c + SA(c)            (Eq. 3, self-attention over c_concept = [S*, concept tokens])
     c' = c' + CA(c', redux)   (Eq. 4, cross-attention, Redux tokens as keys and values)
     c' = c' + MLP(c')         (Eq. 5)
     S*' = c'[0]
 
-Deviation from the paper, documented in the README: S* lives in the T5 *output* space (a 4096-d vector
-inserted into the conditioning sequence) rather than in T5's input vocabulary, because ComfyUI's text
-encoder takes no learned input embedding without patching it. Attention layers are pre-LayerNorm.
+Where S* lives. As in the paper, S* is a word embedding in T5's *input* space: a ``t5xxl`` textual-inversion
+embedding file (``models/embeddings``, key ``t5xxl``, shape [1, D]) that the artist writes in the prompt as
+``embedding:<name>`` right before each subject's label. ComfyUI's FLUX tokenizer puts the vector into T5's
+input sequence, T5 encodes it with the prompt, and ``TokenAlignment`` reads T5's output at the S* position and
+at the label's tokens (c_concept) and replaces the output at the S* position with S*' (Eqs. 3-5).
 
-Weights (``format=troupe.dem`` in the safetensors metadata, ``heads`` optional, default 8):
-``s_star`` [D]; ``self_attn.{norm.weight, norm.bias, to_q.weight, to_k.weight, to_v.weight, to_out.weight,
-to_out.bias}``; ``cross_attn.{norm_q.*, norm_kv.*, to_q.weight, to_k.weight, to_v.weight, to_out.*}``
-(to_q/k/v project to an inner width I, to_k / to_v take the Redux width, to_out maps I back to D);
-``mlp.{norm.*, fc1.weight, fc1.bias, fc2.weight, fc2.bias}``.
+Legacy form (files written before S* moved): a DEM file with an ``s_star`` [D] vector in T5's *output* space,
+inserted into the conditioning before each label after the text encoder, so T5 never contextualises it.
+``Alignment`` keeps running those files exactly as before. Attention layers are pre-LayerNorm.
+
+Weights (``format=troupe.dem`` in the safetensors metadata, ``heads`` optional, default 8; ``embedding``
+optional: the name of the S* embedding trained with it): ``self_attn.{norm.weight, norm.bias, to_q.weight,
+to_k.weight, to_v.weight, to_out.weight, to_out.bias}``; ``cross_attn.{norm_q.*, norm_kv.*, to_q.weight,
+to_k.weight, to_v.weight, to_out.*}`` (to_q/k/v project to an inner width I, to_k / to_v take the Redux width,
+to_out maps I back to D); ``mlp.{norm.*, fc1.weight, fc1.bias, fc2.weight, fc2.bias}``; legacy files also
+hold ``s_star`` [D].
 """
 from __future__ import annotations
 
@@ -71,12 +78,16 @@ class MLP(nn.Module):
 
 
 class DeviationExtractionModule(nn.Module):
-    """Eqs. 3-5 of 002 over c_concept [B, 1 + l, D] with Redux tokens [B, 729, Dr]; returns S*' [B, D]."""
+    """Eqs. 3-5 of 002 over c_concept [B, 1 + l, D] with Redux tokens [B, 729, Dr]; returns S*' [B, D].
+
+    ``legacy_s_star``: the module also holds the legacy output-space S* vector (``s_star`` [D]); without it S*
+    is a T5 input embedding kept in its own file (see the module docstring)."""
 
     def __init__(self, *, dim: int = 4096, redux_dim: int = 4096, heads: int = 8, mlp_ratio: float = 4.0,
-                 inner: int | None = None, operations=nn):
+                 inner: int | None = None, operations=nn, legacy_s_star: bool = True):
         super().__init__()
-        self.s_star = nn.Parameter(torch.zeros(dim))
+        if legacy_s_star:
+            self.s_star = nn.Parameter(torch.zeros(dim))
         self.self_attn = Attention(dim, dim, heads, cross=False, inner=inner, operations=operations)
         self.cross_attn = Attention(dim, redux_dim, heads, cross=True, inner=inner, operations=operations)
         self.mlp = MLP(dim, round(dim * mlp_ratio), operations=operations)
@@ -87,18 +98,30 @@ class DeviationExtractionModule(nn.Module):
         c = c + self.mlp(c)  # Eq. 5
         return c[:, 0]  # only S* is replaced
 
+    @property
+    def dim(self) -> int:
+        return int(self.self_attn.to_q.weight.shape[1])
+
+    @property
+    def legacy(self) -> bool:
+        """True for a DEM with the legacy output-space S* (``s_star`` in the file)."""
+        return "s_star" in self._parameters
+
 
 def load_dem(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> DeviationExtractionModule:
-    """Build the DEM from its documented layout; missing / unexpected / mis-shaped keys are named."""
-    if "s_star" not in sd or "self_attn.to_q.weight" not in sd or "cross_attn.to_k.weight" not in sd:
-        raise AdapterFormatError("not a DEM file: need s_star, self_attn.*, cross_attn.*, mlp.* "
-                                 f"(README, 'FLUX reference branch'); found {sorted(sd)[:6]}")
-    dim = int(sd["s_star"].shape[0])
+    """Build the DEM from its documented layout; missing / unexpected / mis-shaped keys are named. A file with
+    ``s_star`` is the legacy form (S* in T5's output space); without it S* is a T5 input embedding file."""
+    if "self_attn.to_q.weight" not in sd or "cross_attn.to_k.weight" not in sd:
+        raise AdapterFormatError("not a DEM file: need self_attn.*, cross_attn.*, mlp.* (and s_star in the legacy "
+                                 f"form; docs/reference-branch.md, 'S* and the DEM'); found {sorted(sd)[:6]}")
+    legacy = "s_star" in sd
+    dim = int(sd["s_star"].shape[0]) if legacy else int(sd["self_attn.to_q.weight"].shape[1])
     redux_dim = int(sd["cross_attn.to_k.weight"].shape[1])
     hidden = int(sd["mlp.fc1.weight"].shape[0]) if "mlp.fc1.weight" in sd else 4 * dim
     heads = int((metadata or {}).get("heads", 8))
     inner = int(sd["self_attn.to_q.weight"].shape[0])
-    dem = DeviationExtractionModule(dim=dim, redux_dim=redux_dim, heads=heads, mlp_ratio=hidden / dim, inner=inner)
+    dem = DeviationExtractionModule(dim=dim, redux_dim=redux_dim, heads=heads, mlp_ratio=hidden / dim, inner=inner,
+                                    legacy_s_star=legacy)
     expected = dem.state_dict()
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
@@ -143,7 +166,8 @@ def insert_tokens(context: torch.Tensor, label_positions: Sequence[Sequence[int]
 
 @dataclass
 class Alignment:
-    """Cross-modality prior alignment at sampling time (Sec. 3.2 of 002), once per run and condition.
+    """Legacy form (S* in T5's output space, inserted after the text encoder): cross-modality prior alignment
+    at sampling time (Sec. 3.2 of 002), once per run and condition. Kept so older DEM files run unchanged.
 
     ``apply(context, is_cond, run)``: the T5 tokens (the first ``n_t5`` of the context) get S* inserted
     before every label; for conditional items S* is updated by the DEM from [S*, label tokens] and the
@@ -159,6 +183,15 @@ class Alignment:
 
     def __deepcopy__(self, memo):
         return self  # weights are read-only; the cache is keyed by run
+
+    def aligned_positions(self) -> list[list[int]]:
+        """Every subject's concept positions ([S*, label tokens]) in the aligned context."""
+        return insert_positions(self.label_positions)[1]
+
+    @property
+    def n_aligned(self) -> int:
+        """Text tokens of the aligned context: the T5 tokens plus one inserted S* per subject."""
+        return self.n_t5 + len(self.label_positions)
 
     def apply(self, context: torch.Tensor, is_cond: Sequence[bool], run=None):
         key = (id(run), tuple(is_cond), tuple(context.shape))
@@ -218,3 +251,110 @@ class Alignment:
         positions = [concept if cond else [[] for _ in concept] for cond in is_cond]
         blocked = [[] if cond else list(star_pos) for cond in is_cond]
         return out, positions, blocked
+
+
+# --------------------------------------------------------------------------- S* as a T5 input embedding
+
+
+class StarNotFound(ValueError):
+    """A subject label without the S* embedding token right before it."""
+
+
+def star_positions(is_embedding: Sequence[bool], label_positions: Sequence[Sequence[int]],
+                   labels: Sequence[str] | None = None) -> list[int]:
+    """For each subject, the position of the S* embedding token: the one right before the first occurrence of
+    its label that has one (Sec. 3.2 of 002: S* is prepended to the concept name). ``is_embedding[i]`` says
+    whether T5 input position ``i`` holds an embedding vector rather than a word token."""
+    out = []
+    for j, pos in enumerate(label_positions):
+        name = repr(labels[j]) if labels else f"subject {j + 1}"
+        taken = set(pos)
+        starts = [p for p in sorted(taken) if p - 1 not in taken]
+        found = [p - 1 for p in starts if p >= 1 and is_embedding[p - 1]]
+        if not found:
+            raise StarNotFound(f"no S* embedding right before the label {name}")
+        star = found[0]
+        if star >= 1 and is_embedding[star - 1]:
+            raise StarNotFound(f"the embedding before the label {name} is more than one vector; S* is one T5 input "
+                               "vector (a t5xxl embedding of shape [1, D])")
+        out.append(star)
+    return out
+
+
+def align_tokens(dem: DeviationExtractionModule, t5: torch.Tensor, redux: Sequence[torch.Tensor],
+                 stars: Sequence[int], concept: Sequence[Sequence[int]], rows: Sequence[int] | None = None):
+    """T5's output [B, T, D] with S* replaced by S*' = DEM(c_concept, c_redux) (Eqs. 3-5 of 002) at each subject's
+    S* position, for ``rows`` (all items when None); ``redux[j]`` [B, N, Dr] are subject j's Redux tokens and
+    ``concept[j]`` = [S* position, label positions]. Differentiable (the trainer calls it with gradients)."""
+    rows = list(range(t5.shape[0])) if rows is None else list(rows)
+    out = t5.clone()
+    if not rows:
+        return out
+    idx = torch.tensor(rows, device=t5.device)
+    for j, star in enumerate(stars):
+        c_concept = t5.index_select(0, idx)[:, list(concept[j])]
+        out[idx, star] = dem(c_concept, redux[j].index_select(0, idx)).to(out.dtype)
+    return out
+
+
+@dataclass
+class TokenAlignment:
+    """Cross-modality prior alignment (Sec. 3.2 of 002) with S* a T5 input embedding: the conditioning holds T5's
+    output for a prompt with ``embedding:<S*>`` before each label, then each subject's 729 Redux tokens (the
+    StyleModelApply path, in subject order). For conditional items the output at each S* position is replaced by
+    S*' from the DEM over that subject's [S*, label tokens] and Redux tokens; the Redux tokens are removed from
+    every item (an unconditional item's tokens are left as its own prompt encoded them). Once per run and
+    condition; same interface as ``Alignment``."""
+
+    dem: DeviationExtractionModule
+    stars: list[int]
+    concept: list[list[int]]
+    n_t5: int
+    embedding: str = ""
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    def __deepcopy__(self, memo):
+        return self  # weights are read-only; the cache is keyed by run
+
+    apply = Alignment.apply
+
+    def aligned_positions(self) -> list[list[int]]:
+        return [list(c) for c in self.concept]
+
+    @property
+    def n_aligned(self) -> int:
+        return self.n_t5
+
+    def _need(self) -> int:
+        return self.n_t5 + REDUX_TOKENS * len(self.stars)
+
+    def context_index(self, n_context: int) -> torch.Tensor:
+        """For each token of the aligned context, its index in the conditioning (the Redux tokens removed when
+        the conditioning has them)."""
+        if n_context < self._need():
+            return torch.arange(n_context)
+        return torch.cat([torch.arange(self.n_t5), torch.arange(self._need(), n_context)])
+
+    def align_mask(self, mask: torch.Tensor, n_context: int) -> torch.Tensor:
+        """StyleModelApply's ``attn_bias`` mask over ``[context | image]`` with the Redux rows and columns removed."""
+        n_img = mask.shape[-1] - n_context
+        idx = torch.cat([self.context_index(n_context), torch.arange(n_context, n_context + n_img)]).to(mask.device)
+        return mask.index_select(-2, idx).index_select(-1, idx)
+
+    def compute(self, context: torch.Tensor, is_cond: Sequence[bool]):
+        n_subj = len(self.stars)
+        if context.shape[1] < self._need():
+            if any(is_cond):
+                raise ValueError(f"TroupeReferenceBranch: the DEM needs each subject's Redux tokens after the "
+                                 f"{self.n_t5} T5 tokens ({self._need()} tokens in all), the conditioning has "
+                                 f"{context.shape[1]}: apply StyleModelApply (FLUX Redux) once per subject, in "
+                                 "subject order, to the positive conditioning, or choose dem_name = none")
+            return context, [[[] for _ in self.stars] for _ in is_cond], [[] for _ in is_cond]
+        dem = self.dem.to(context.device, context.dtype)
+        kept = context.index_select(1, self.context_index(context.shape[1]).to(context.device))
+        redux = [context[:, self.n_t5 + REDUX_TOKENS * j: self.n_t5 + REDUX_TOKENS * (j + 1)] for j in range(n_subj)]
+        rows = [i for i, c in enumerate(is_cond) if c]
+        with torch.no_grad():
+            out = align_tokens(dem, kept, redux, self.stars, self.concept, rows)
+        positions = [self.aligned_positions() if cond else [[] for _ in self.stars] for cond in is_cond]
+        return out, positions, [[] for _ in is_cond]

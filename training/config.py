@@ -35,6 +35,7 @@ ATTENTION_LAYER_SETS = ("double", "single", "all")  # or a list: "double_blocks.
 ALIGNING_METHODS = ("r3", "multipersona")  # methods with an alignment loss against DINO features
 ALIGN_BLOCKS = ("down+mid", "down", "mid")
 LR_SCHEDULES = ("constant", "cosine", "linear")
+OPTIMIZERS = ("adamw", "prodigy")  # prodigy: AlignGen's optimiser, only when the optional prodigyopt package is installed
 PRECISIONS = ("fp32", "bf16", "fp16")
 RESUME_LATEST = "latest"
 
@@ -96,6 +97,22 @@ class MethodConfig:
     expert_dropout: float = 0.05
     """dynaip: each HMoE expert's feature is dropped independently with this rate in training; DynaIP
     "Implementation Details"."""
+    reference_dropout: float = 0.5
+    """aligngen: rate of random reference dropout (the reference image replaced by a black image); AlignGen
+    "Training Strategy" and Table 3 (0.5)."""
+    concept_substitution: float = 0.5
+    """aligngen: probability that a subject's label in the caption is replaced by its manifest ``parent_class`` or
+    ``category`` (one of them, equally likely); AlignGen "Training Strategy" gives no rate: our choice."""
+    s_star_name: str = "aligngen_s_star"
+    """aligngen: file name (without .safetensors) of the S* embedding the run writes; the prompt names it as
+    ``embedding:<s_star_name>``."""
+    s_star_init: str = "object"
+    """aligngen: the word whose T5 input embedding (its first token) S* starts from (Textual Inversion's coarse
+    descriptor start); our choice."""
+    dem_heads: int = 8
+    """aligngen: attention heads of the DEM (the file's ``heads``); AlignGen gives none: our choice."""
+    dem_mlp_ratio: float = 4.0
+    """aligngen: hidden width of the DEM's MLP over the T5 width (Eq. 5); our choice (a transformer's usual 4)."""
     lora_rank: int = 16
     """mosaic: rank of the reference LoRA (AlignGen's rank-16 reference LoRA, "Training Strategy"; MOSAIC's abstract
     gives none); docs/training.md, "mosaic"."""
@@ -191,6 +208,9 @@ class TrainConfig:
     """Linear warmup steps from 0 to learning_rate."""
     weight_decay: float = 0.01
     """AdamW weight decay: IP-Adapter's."""
+    optimizer: str = "adamw"
+    """One of OPTIMIZERS: "adamw" (torch's AdamW), or "prodigy" (AlignGen's optimiser, Prodigy with safeguard warmup
+    and bias correction; needs ``pip install prodigyopt``; its learning_rate is a multiplier, 1.0 usual)."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm; 0 = no clipping."""
     precision: str = "bf16"
@@ -453,6 +473,10 @@ def _method(t: _Table) -> MethodConfig:
         projection_width=t.integer("projection_width", 1),
         projector_dropout=t.number("projector_dropout", 0.0, 1.0, hi_open=True),
         stage1_steps=t.integer("stage1_steps", 0), expert_dropout=t.number("expert_dropout", 0.0, 1.0, hi_open=True),
+        reference_dropout=t.number("reference_dropout", 0.0, 1.0),
+        concept_substitution=t.number("concept_substitution", 0.0, 1.0), s_star_name=_file_stem(t, "s_star_name"),
+        s_star_init=t.text("s_star_init", nonempty=True).strip(), dem_heads=t.integer("dem_heads", 1),
+        dem_mlp_ratio=t.number("dem_mlp_ratio", 0.0, lo_open=True),
         lora_rank=t.integer("lora_rank", 1), correspondence_weight=t.number("correspondence_weight", 0.0),
         disentangle_weight=t.number("disentangle_weight", 0.0), attention_layers=_attention_layers(t),
         attention_rows=t.integer("attention_rows", 1),
@@ -493,8 +517,34 @@ def _train(t: _Table) -> TrainConfig:
         precision=t.choice("precision", PRECISIONS), gradient_checkpointing=t.boolean("gradient_checkpointing"),
         seed=t.integer("seed", 0), checkpoint_every=t.integer("checkpoint_every", 1),
         sample_every=t.integer("sample_every", 0), keep_checkpoints=t.integer("keep_checkpoints", 1),
-        resume=resume, tensorboard=t.boolean("tensorboard"),
+        resume=resume, tensorboard=t.boolean("tensorboard"), optimizer=_optimizer(t),
     )
+
+
+def _optimizer(t: _Table) -> str:
+    name = t.choice("optimizer", OPTIMIZERS)
+    if name == "prodigy":
+        prodigy_class(f"{t.where}.optimizer")
+    return name
+
+
+def prodigy_class(key: str = "train.optimizer"):
+    """prodigyopt's ``Prodigy`` (AlignGen "Implementation details"), or a ConfigError saying how to install it."""
+    try:
+        from prodigyopt import Prodigy
+    except ImportError:
+        raise ConfigError(f'{key}: "prodigy" needs the optional prodigyopt package, which this Python cannot import; '
+                          "install it into ComfyUI's Python with `python -m pip install prodigyopt`, or set "
+                          'optimizer = "adamw" (the default)') from None
+    return Prodigy
+
+
+def _file_stem(t: _Table, key: str) -> str:
+    value = t.text(key, nonempty=True).strip()
+    if any(c in value for c in '/\\:*?"<>|') or value.startswith(".") or value.endswith(".safetensors"):
+        raise t.fail(key, "a file name without folder or extension", value,
+                      'use letters, digits, "_" or "-", e.g. "aligngen_s_star"')
+    return value
 
 
 def _dropout(t: _Table) -> DropoutConfig:

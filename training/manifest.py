@@ -15,6 +15,9 @@
 - ``correspondences`` (per subject, optional): ``[[ref_x, ref_y, target_x, target_y], ...]``, normalised points of
   the subject's first reference (or its crop) and of the target that show the same part (MOSAIC's correspondence
   loss; ``troupe_train.py correspond`` proposes them as pseudo-labels).
+- ``parent_class`` and ``category`` (per subject, optional): a parent class ("guitar") and a broader category
+  ("musical instrument") of the subject's label ("acoustic guitar"); AlignGen's random concept-name substitution
+  ("Training Strategy") replaces the label in the caption by one of them with ``method.concept_substitution``.
 
 ``read_manifest`` reports every problem of a file at once, each as ``manifest.jsonl line 7: ...``.
 The format for users is in docs/training-data.md.
@@ -42,7 +45,7 @@ KINDS = ("intra", "cross")
 CROP = "crop"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 RECORD_FIELDS = ("image", "caption", "subjects", "kind", "meta", "loser", "scores")
-SUBJECT_FIELDS = ("label", "box", "mask", "references", "correspondences")
+SUBJECT_FIELDS = ("label", "box", "mask", "references", "correspondences", "parent_class", "category")
 Correspondence = tuple[float, float, float, float]  # (ref_x, ref_y, target_x, target_y), normalised
 Box = tuple[float, float, float, float]
 
@@ -84,6 +87,8 @@ class SubjectRecord:
     mask: Path | None
     references: tuple[Path, ...]  # empty: crop the target at the box ("crop" in the manifest)
     correspondences: tuple[Correspondence, ...] = ()  # points of the first reference -> the target (mosaic)
+    parent_class: str = ""  # aligngen: a parent class of the label ("guitar" for "acoustic guitar"), "" = none
+    category: str = ""  # aligngen: a broader category ("musical instrument"), "" = none
 
     @property
     def crop_from_target(self) -> bool:
@@ -176,10 +181,18 @@ def _subject(item: Any, at: str, caption: str | None, base: Path, problems: list
         problems.append(f'{at}: "references" must be a non-empty list of image paths or "crop" (crop the target '
                         f"at the box), got {got}")
     pairs = _correspondences(item.get("correspondences", []), at, problems)
+    names = {}
+    for key in ("parent_class", "category"):  # aligngen's concept-name substitution ("Training Strategy")
+        value = item.get(key, "")
+        if not isinstance(value, str) or (key in item and not value.strip()):
+            problems.append(f'{at}: "{key}" must be a word or phrase that could stand for the subject in the caption '
+                            f'(e.g. "guitar" for "acoustic guitar"), or be left out; got {json.dumps(value)}')
+        else:
+            names[key] = value.strip()
     if len(problems) > before:
         return None
     return SubjectRecord(label=label.strip(), box=box, mask=_path(base, mask) if mask else None,
-                         references=references, correspondences=pairs)
+                         references=references, correspondences=pairs, **names)
 
 
 def _correspondences(value: Any, at: str, problems: list[str]) -> tuple[Correspondence, ...]:

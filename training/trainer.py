@@ -186,7 +186,13 @@ class Trainer:
             groups.append({"params": refiner})
             delay = cfg.method.phase1_steps if cfg.method.name == "r3" else 0
             lambdas.append(lr_lambda(t.lr_schedule, t.warmup_steps, t.steps, delay=delay))
-        optimiser = torch.optim.AdamW(groups, lr=t.learning_rate, weight_decay=t.weight_decay)
+        if getattr(t, "optimizer", "adamw") == "prodigy":  # AlignGen "Implementation details": Prodigy with
+            from .config import prodigy_class  # safeguard warmup and bias correction (optional prodigyopt package)
+
+            optimiser = prodigy_class()(groups, lr=t.learning_rate, weight_decay=t.weight_decay,
+                                        safeguard_warmup=True, use_bias_correction=True)
+        else:
+            optimiser = torch.optim.AdamW(groups, lr=t.learning_rate, weight_decay=t.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, lambdas)
         self.module, self.optimiser, self.scheduler = self.acc.prepare(self.module, optimiser, scheduler)
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -49,6 +50,15 @@ def msbench() -> Path:
     if not (MSBENCH / "msbench.json").exists():
         pytest.fail(f"MS-Bench is missing at {MSBENCH}: it is part of the repository; restore it with git checkout")
     return MSBENCH
+
+
+@pytest.fixture(scope="module")
+def module_tmp(tmp_path_factory, request) -> Path:
+    """A folder for one module's shared fixtures, removed when the module ends: a training run with checkpoints
+    writes about a gigabyte, and pytest's own clean-up (``tmp_path_retention_policy``) covers only ``tmp_path``."""
+    path = tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1])
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

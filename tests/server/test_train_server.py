@@ -35,10 +35,10 @@ EXTRA = ("[adapter]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in TINY_ADA
 
 
 @pytest.fixture(scope="module")
-def dataset(comfy_server, msbench, tmp_path_factory) -> str:
+def dataset(comfy_server, msbench, module_tmp) -> str:
     """The pasted MS-Bench dataset (folder with manifest.jsonl) and a tiny DINOv2 folder in models/dino."""
     tiny_hf_dinov2_folder(comfy_server.models_dir / "dino" / DINO, layers=2)
-    return str(pasted_dataset(tmp_path_factory.mktemp("train_data") / "data", msbench).parent)
+    return str(pasted_dataset(module_tmp / "train_data" / "data", msbench).parent)
 
 
 def models_part() -> dict:

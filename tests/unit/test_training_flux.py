@@ -214,9 +214,9 @@ def test_expert_dropout_drops_each_expert_with_its_rate_and_never_at_eval():
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory, msbench) -> Path:
+def dataset(module_tmp, msbench) -> Path:
     """16 pasted records, the last 6 of kind "cross"."""
-    return staged_dataset(tmp_path_factory.mktemp("flux-train") / "data", msbench)
+    return staged_dataset(module_tmp / "flux-train" / "data", msbench)
 
 
 def config_for(work: Path, dataset: Path, steps: int = STEPS, **sections):
@@ -225,8 +225,8 @@ def config_for(work: Path, dataset: Path, steps: int = STEPS, **sections):
 
 
 @pytest.fixture(scope="module")
-def dynaip_run(dataset, tmp_path_factory):
-    work = tmp_path_factory.mktemp("dynaip")
+def dynaip_run(dataset, module_tmp):
+    work = module_tmp / "dynaip"
     config = config_for(work, dataset)
     result = train(config, flux_components(), show_bar=False)
     return config, result

@@ -30,9 +30,9 @@ def families():
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory, msbench) -> Path:
+def dataset(module_tmp, msbench) -> Path:
     """16 records, two subjects each (one reference file, one "crop from target"), and one shared feature cache."""
-    work = tmp_path_factory.mktemp("train")
+    work = module_tmp / "train"
     return pasted_dataset(work / "data", msbench)
 
 
@@ -42,9 +42,9 @@ def config_for(work: Path, dataset: Path, name: str = "r3", steps: int = 60, **s
 
 
 @pytest.fixture(scope="module")
-def r3_run(dataset, tmp_path_factory):
+def r3_run(dataset, module_tmp):
     """60 steps of R^3 (phase 1: 10 steps; alpha ramps over 10), batch 2, checkpoints at 30 and 60, one sample case."""
-    work = tmp_path_factory.mktemp("r3")
+    work = module_tmp / "r3"
     refs = sorted((dataset.parent / "refs").glob("*_dog.png"))
     sample = {"prompt": "a dog and a teapot", "width": 64, "height": 64, "steps": 3, "cfg": 2.0,
               "subjects": [{"label": "dog", "image": str(refs[0]), "box": [0.05, 0.2, 0.45, 0.8]},

@@ -6,6 +6,7 @@
     torchrun --nproc_per_node 2 troupe_train.py train config.toml                   # 2 CPU processes (gloo)
     python troupe_train.py validate data/manifest.jsonl
     python troupe_train.py make-manifest photos/ --out data/manifest.jsonl --label dog
+    python troupe_train.py correspond data/manifest.jsonl --dino dinov2-base --threshold 0.5   # mosaic pseudo-labels
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from .config import Config, ConfigError, load_config
+from .config import REFERENCE_METHODS, Config, ConfigError, load_config
 from .manifest import ManifestError, build_manifest, validate_manifest
 
 
@@ -100,9 +101,11 @@ def load_flux_components(config: Config):
                               embedding_directory=folder_paths.get_folder_paths("embeddings"),
                               clip_type=comfy.sd.CLIPType.FLUX)
     vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(_resolve("vae", m.vae, "model.vae")))
-    clip_vision = comfy.clip_vision.load(_resolve("clip_vision", m.clip_vision, "model.clip_vision"))
+    # the reference-branch methods (mosaic) need no CLIP vision and start a new LoRA (the method refuses init_adapter)
+    clip_vision = comfy.clip_vision.load(_resolve("clip_vision", m.clip_vision, "model.clip_vision")) if (
+        m.clip_vision) else None
     initial, fusion = None, None
-    if config.method.init_adapter:
+    if config.method.init_adapter and config.method.name not in REFERENCE_METHODS:
         name = config.method.init_adapter
         path = name if os.path.exists(name) else paths.full_path("troupe_train", "method.init_adapter",
                                                                  paths.ADAPTER_FOLDERS, name)
@@ -118,6 +121,42 @@ def load_flux_components(config: Config):
                       initial_fusion=fusion, owned=True)
 
 
+def dino_folder(name: str, key: str) -> str:
+    """A DINO folder: a path, or a folder name in ComfyUI's models/dino."""
+    from ..nodes import paths
+
+    if os.path.isdir(name):
+        return name
+    paths.register_model_folders()
+    try:
+        return paths.hf_folder_path("dino", name)
+    except ValueError as e:
+        raise ConfigError(f"{key}: {name!r} is neither a folder nor a folder in models/dino ({e})") from None
+
+
+def correspond(args) -> int:
+    """``correspond``: pseudo-correspondences into the manifest (training/correspondence.py)."""
+    from ..models.encoding.dino import DinoModelError, load_hf_dino
+    from .correspondence import DEFAULT_RESOLUTION, DEFAULT_THRESHOLD, correspond_manifest
+
+    try:
+        name = args.dino or (load_config(args.config).model.dino if args.config else "")
+        if not name:
+            raise ConfigError("--dino: no DINO model; pass --dino PATH (a DINOv2/v3 ViT folder) or --config with "
+                              "model.dino set")
+        encoder = load_hf_dino(dino_folder(name, "--dino" if args.dino else "model.dino"))
+        threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
+        if not -1.0 <= threshold <= 1.0:
+            raise ConfigError(f"--threshold: expected a cosine similarity in [-1, 1], got {threshold}")
+        report = correspond_manifest(args.manifest, encoder, args.out, threshold,
+                                     args.resolution or DEFAULT_RESOLUTION)
+    except (ConfigError, ManifestError, DinoModelError, FileNotFoundError) as e:
+        print(f"troupe_train: {e}", file=sys.stderr)
+        return 2
+    print(report.summary(args.out or args.manifest))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="troupe_train.py", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -131,7 +170,18 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("folder", type=Path)
     m.add_argument("--out", type=Path, required=True)
     m.add_argument("--label", default=None, help="the subject word, when the images have no name.json sidecar")
+    c = sub.add_parser("correspond", help="propose each subject's correspondences (mosaic) by mutual nearest "
+                                          "neighbours of DINO patch features; pseudo-labels")
+    c.add_argument("manifest", type=Path)
+    c.add_argument("--out", type=Path, default=None, help="the new manifest (default: rewrite MANIFEST)")
+    c.add_argument("--threshold", type=float, default=None, help="least cosine similarity of a pair (default 0.5)")
+    c.add_argument("--dino", default=None, help="DINO folder (a path or a name in models/dino); default: the "
+                                                "--config file's model.dino")
+    c.add_argument("--config", type=Path, default=None, help="a training config whose model.dino to use")
+    c.add_argument("--resolution", type=int, default=None, help="DINO input side in pixels (default 224)")
     args = ap.parse_args(argv)
+    if args.command == "correspond":
+        return correspond(args)
     if args.command == "validate":
         report = validate_manifest(args.manifest)
         print(report.summary())

@@ -54,7 +54,7 @@ from ..models.reference.branch import (
 )
 from ..models.reference.hooks import ReferencePatch, training_stream
 from ..models.reference.lora import FluxDims, LoRAPart, ReferenceLoRA, mosaic_targets
-from .flux import FrozenFlux
+from .flux import FrozenFlux, guarded
 
 METHOD = "mosaic"
 REFERENCE_FILL = 0.9  # prepare_reference_image's default: the subject fills 90% of the white square (MOSAIC)
@@ -295,8 +295,6 @@ class ReferenceInjection:
         self.patch, self.stream, self.probe = patch, stream, probe
 
     def replaces(self, double: int, single: int) -> dict:
-        if self.patch is None:
-            return {}
         out = {}
         for kind, count in (("double_block", double), ("single_block", single)):
             for i in range(count):
@@ -304,6 +302,8 @@ class ReferenceInjection:
         return out
 
     def block(self, key: tuple[str, int], args: dict, extra: dict) -> dict:
+        if self.patch is None:  # no references (CFG dropout): the base block, autograd-safe as dynaip runs it
+            return guarded(extra["original_block"], args)(args)
         if self.probe is not None:
             self.probe.enter(key[0].removesuffix("_block"), key[1])
         to = dict(args.get("transformer_options") or {})

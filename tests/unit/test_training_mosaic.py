@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 from fixtures.pasted_msbench import photo, resized
-from fixtures.training import SIZE, pasted_dataset
+from fixtures.training import SIZE
 from fixtures.training_flux import flux_components, tiny_training_flux
+from fixtures.training_mosaic import mosaic_config, mosaic_dataset
 from safetensors.torch import load_file
 
 from comfyui_troupe.models.reference.branch import (
@@ -28,7 +29,6 @@ from comfyui_troupe.models.reference.branch import (
 )
 from comfyui_troupe.models.reference.hooks import ReferencePatch, prepare_stream
 from comfyui_troupe.models.reference.lora import FluxDims, load_reference_lora
-from comfyui_troupe.training.config import parse_config
 from comfyui_troupe.training.flux import FrozenFlux
 from comfyui_troupe.training.manifest import ManifestError, read_manifest
 from comfyui_troupe.training.reference import (
@@ -278,36 +278,6 @@ def test_a_batch_with_every_reference_dropped_still_backpropagates():
 
 
 # --------------------------------------------------------------------------- a run
-
-
-def mosaic_dataset(folder: Path, msbench: Path) -> Path:
-    """``pasted_dataset`` (16 records, 2 subjects pasted at known boxes) with each subject's exact correspondences:
-    the reference is pasted resized to the box, so reference point (u, v) is target point (x0 + u (x1 - x0),
-    y0 + v (y1 - y0)); a 4 x 4 grid of points per subject."""
-    manifest = pasted_dataset(folder, msbench)
-    lines = [json.loads(x) for x in manifest.read_text().splitlines() if x.strip()]
-    grid = (0.125, 0.375, 0.625, 0.875)
-    for rec in lines:
-        for s in rec["subjects"]:
-            x0, y0, x1, y1 = s["box"]
-            s["correspondences"] = [[u, v, x0 + u * (x1 - x0), y0 + v * (y1 - y0)] for u in grid for v in grid]
-    manifest.write_text("\n".join(json.dumps(r) for r in lines) + "\n")
-    return manifest
-
-
-def mosaic_config(tmp: Path, manifest: Path, steps: int = STEPS, **sections):
-    """A mosaic config for the tiny models: resolution 64 (4 x 4 tokens per image and reference), fp32, lr 1e-2."""
-    data = {
-        "model": {"unet": "tiny", "clip_l": "tiny", "t5": "tiny", "vae": "tiny"},
-        "method": {"name": "mosaic"},
-        "data": {"manifest": str(manifest), "resolution": SIZE, "cache_dir": str(manifest.parent.parent / "cache")},
-        "train": {"output_dir": str(tmp / "run"), "steps": steps, "batch_size": 2, "learning_rate": 1e-2,
-                  "precision": "fp32", "checkpoint_every": steps // 2, "sample_every": 0, "seed": 0},
-        "dropout": {"text": 0.0, "image": 0.0, "both": 0.0},
-    }
-    for section, values in sections.items():
-        data.setdefault(section, {}).update(values)
-    return parse_config(data, tmp)
 
 
 @pytest.fixture(scope="module")

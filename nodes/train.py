@@ -19,7 +19,15 @@ import torch
 from comfy_api.latest import io, ui
 from PIL import Image, ImageDraw
 
-from ..training.config import ALIGNING_METHODS, RESUME_LATEST, SDXL_METHODS, Config, ConfigError, parse_config
+from ..training.config import (
+    ALIGNING_METHODS,
+    PREFERENCE_METHODS,
+    RESUME_LATEST,
+    SDXL_METHODS,
+    Config,
+    ConfigError,
+    parse_config,
+)
 from ..training.manifest import ManifestError, Record, read_manifest
 from . import paths
 from .errors import error_text, node_error, number_error
@@ -455,7 +463,7 @@ class TroupeTrainAdapter(io.ComfyNode):
                                 tooltip="A folder holding manifest.jsonl, or the path of a .jsonl manifest: one line "
                                         "per image with its caption, subjects, boxes and references "
                                         "(docs/training-data.md)."),
-                io.Combo.Input("method", options=list(SDXL_METHODS), default="r3",
+                io.Combo.Input("method", options=[m for m in SDXL_METHODS if m not in PREFERENCE_METHODS], default="r3",
                                tooltip="r3: R^3-Adapter (refiner, router, DINO alignment); ms-diffusion: the adapter "
                                        "alone, diffusion loss only; multipersona: MultiPersona-Align's dual DINO "
                                        "alignment."),

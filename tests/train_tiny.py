@@ -18,4 +18,11 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     config_path, work = Path(sys.argv[1]), Path(sys.argv[2])
     config = parse_config(json.loads(config_path.read_text()), work)
-    train(config, tiny_components(work), show_bar=False)
+    components = tiny_components(work)
+    if config.method.init_adapter:  # as troupe_train.py loads it
+        from comfyui_troupe.models.adapter_file import detect_and_load, read_state_dict
+        from comfyui_troupe.nodes.adapter import families
+
+        path = config.method.init_adapter
+        components.initial_adapter = detect_and_load(read_state_dict(path), families()).module
+    train(config, components, show_bar=False)

@@ -239,6 +239,28 @@ class TrainingAttention:
         return out + torch.cat(terms)
 
 
+def adapter_prediction(adapter: SdxlAdapter, base: FrozenSdxl, samples: Sequence[Sample], alpha: float,
+                       capture: AlignmentCapture | None = None) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """The frozen UNet's prediction with ``adapter``'s image term (``RegionalAttentionPatch``, trainable: the
+    inference patch keeping its autograd graph; none for a sample whose image is dropped), the objective's target,
+    and the patches: the forward pass of every SDXL method."""
+    device = base.device
+    patches, sigmas = [], []
+    for s in samples:
+        sigmas.append(float(base.sigmas[s.timestep]))
+        if s.drop_image:
+            patches.append(None)
+            continue
+        boxes = torch.tensor(s.layout.boxes, dtype=torch.float32, device=device)
+        tokens = adapter.subject_tokens(s.image_features.to(device), boxes, s.phrases.to(device),
+                                        refine=adapter.refiner is not None, alpha=alpha)
+        patches.append(RegionalAttentionPatch(adapter, tokens, s.layout, RegionalParams(), trainable=True,
+                                              attention=base.attention, sigma_to_t=base.sigma_to_t))
+    attn = TrainingAttention(patches, sigmas, capture, base.attention)
+    pred, target = base.predict(samples, attn, capture)
+    return pred, target, patches
+
+
 class SdxlTrainModule(nn.Module):
     """What trains (the adapter, and MultiPersona's projectors) and the loss of one batch.
 
@@ -272,22 +294,8 @@ class SdxlTrainModule(nn.Module):
         """Losses of one batch: ``loss`` (Eq. 11 of R^3-Adapter / Eq. 8 of MultiPersona-Align), its parts and the
         alignment cosines (reported even when the alignment weight is 0)."""
         device = base.device
-        adapter = self.adapter
-        patches, sigmas = [], []
-        for s in samples:
-            sigma = float(base.sigmas[s.timestep])
-            sigmas.append(sigma)
-            if s.drop_image:
-                patches.append(None)
-                continue
-            boxes = torch.tensor(s.layout.boxes, dtype=torch.float32, device=device)
-            tokens = adapter.subject_tokens(s.image_features.to(device), boxes, s.phrases.to(device),
-                                            refine=adapter.refiner is not None, alpha=alpha)
-            patches.append(RegionalAttentionPatch(adapter, tokens, s.layout, RegionalParams(), trainable=True,
-                                                  attention=base.attention, sigma_to_t=base.sigma_to_t))
         capture = AlignmentCapture(align_modules(self.align_blocks)) if self.aligns else None
-        attn = TrainingAttention(patches, sigmas, capture, base.attention)
-        pred, target = base.predict(samples, attn, capture)
+        pred, target, patches = adapter_prediction(self.adapter, base, samples, alpha, capture)
         diffusion = F.mse_loss(pred.float(), target.float())
         out = {"diffusion": diffusion}
         total = diffusion

@@ -3,7 +3,6 @@ phase 1, gradient checkpointing, MultiPersona-Align, and the command line."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from fixtures.tiny_models import COMFY_DIR
-from fixtures.training import pasted_dataset, tiny_components, tiny_config
+from fixtures.training import launch, pasted_dataset, tiny_components, tiny_config
 from safetensors.torch import load_file
 
 from comfyui_troupe.models.adapter_file import detect_and_load, read_state_dict
@@ -129,28 +128,6 @@ def test_resume_from_step_30_reproduces_the_uninterrupted_run(r3_run, dataset, t
         assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), k
 
 
-def free_port() -> int:
-    """A TCP port nothing listens on now (another run on this machine may hold the default 29500)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _launch(work: Path, config, processes: int) -> dict[str, torch.Tensor]:
-    work.mkdir(parents=True, exist_ok=True)
-    (work / "config.json").write_text(json.dumps(config.to_dict()))
-    env = dict(os.environ, OMP_NUM_THREADS="1", TROUPE_HOST=str(COMFY_DIR.parent))
-    # torchrun, as `accelerate launch --multi_gpu` runs it on GPUs: it starts the processes and the engine reads
-    # their rank from the environment (on CPU: DistributedType.MULTI_CPU, gloo, DDP)
-    cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port",
-           str(free_port()), str(ROOT / "tests" / "train_tiny.py"), str(work / "config.json"), str(work)]
-    done = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return load_file(str(Path(config.train.output_dir) / "run.safetensors"))
-
-
 def test_two_processes_match_one_process_with_the_same_global_batch(dataset, tmp_path):
     (tmp_path / "dino").parent.mkdir(exist_ok=True)
     tiny_components(tmp_path)  # the DINO folder both processes read, made before they start
@@ -159,8 +136,8 @@ def test_two_processes_match_one_process_with_the_same_global_batch(dataset, tmp
                      **common)
     two = config_for(tmp_path, dataset, steps=10, train={"batch_size": 2, "output_dir": str(tmp_path / "two" / "run")},
                      **common)
-    a = _launch(tmp_path / "one", one, 1)
-    b = _launch(tmp_path / "two", two, 2)
+    a = launch(tmp_path / "one", one, 1)
+    b = launch(tmp_path / "two", two, 2)
     # gloo's all-reduce sums in another order than one process's batch mean: float-level differences, which Adam
     # (dividing by sqrt(v) + eps) turns into larger ones only for elements whose gradient is nearly zero. A real
     # difference in the data or the gradient moves every element by up to lr x steps = 1e-2 (measured: 1.8e-2 with

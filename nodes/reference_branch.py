@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import numbers
 import os
 import re
 from dataclasses import dataclass
@@ -27,7 +26,14 @@ from ..models.reference.branch import (
     token_ids,
     trained_positions,
 )
-from ..models.reference.dem import Alignment, StarNotFound, TokenAlignment, load_dem, star_positions
+from ..models.reference.dem import (
+    Alignment,
+    EmbeddingsAsIds,
+    StarNotFound,
+    TokenAlignment,
+    load_dem,
+    star_positions,
+)
 from ..models.reference.hooks import ReferencePatch
 from ..models.reference.lora import FluxDims, load_reference_lora
 from ..models.reference.mask_preview import draw_attention_mask
@@ -75,20 +81,6 @@ def t5_tokenizer(clip=None):
     from comfy.text_encoders.flux import T5XXLTokenizer
 
     return T5XXLTokenizer(embedding_directory=folder_paths.get_folder_paths("embeddings"))
-
-
-class EmbeddingsAsIds:
-    """A view of a ComfyUI tokenizer whose embedding vectors (``embedding:<name>`` in the prompt) read as the id -1,
-    so label positions are found in the same token sequence T5 receives."""
-
-    def __init__(self, tokenizer) -> None:
-        self.tokenizer = tokenizer
-        self.end_token = getattr(tokenizer, "end_token", 1)
-        self.pad_token = getattr(tokenizer, "pad_token", 0)
-
-    def tokenize_with_weights(self, text: str, return_word_ids: bool = False, **kwargs):
-        batches = self.tokenizer.tokenize_with_weights(text, return_word_ids=return_word_ids, **kwargs)
-        return [[(t[0] if isinstance(t[0], numbers.Integral) else -1, *t[1:]) for t in batch] for batch in batches]
 
 
 EMBEDDING_WORD = re.compile(r"(?:^|(?<=\s))embedding:([^\s,<\[]+)")

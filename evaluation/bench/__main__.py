@@ -1,4 +1,5 @@
-"""``python -m evaluation.bench``: run a spec, generate MS-Bench / DynaIP specs, rebuild the report."""
+"""``python -m evaluation.bench``: run a spec, generate MS-Bench / DynaIP specs, rebuild the report, write FocusDPO
+preference pairs from a run."""
 from __future__ import annotations
 
 import argparse
@@ -8,6 +9,7 @@ from pathlib import Path
 
 from .client import ComfyClient, ServerError
 from .generators import GENERATORS
+from .pairs import DEFAULT_WEIGHTS, MODES, parse_weights, write_pairs
 from .runner import finish, run_spec
 from .spec import SpecError, load_spec
 
@@ -25,6 +27,16 @@ def main(argv: list[str] | None = None) -> int:
     rep = sub.add_parser("report", help="rebuild comparisons.csv and report.html from an output folder")
     rep.add_argument("spec", type=Path)
     rep.add_argument("--out", type=Path, required=True)
+    pr = sub.add_parser("pairs", help="FocusDPO preference pairs (pairs.jsonl, a training manifest) from a run's scores: "
+                                      "per case, its images (one per seed) ranked by a weighted reward")
+    pr.add_argument("spec", type=Path)
+    pr.add_argument("--out", type=Path, required=True, help="the run's output folder (results.csv); pairs.jsonl goes there")
+    pr.add_argument("--weights", default=",".join(f"{k}={v:g}" for k, v in DEFAULT_WEIGHTS.items()),
+                    help="reward = sum of metric x weight over the per-image metrics (default: %(default)s)")
+    pr.add_argument("--setting", default=None, help="only this setting's images (default: every setting, apart)")
+    pr.add_argument("--mode", choices=MODES, default="best-worst",
+                    help="best-worst: one pair per case and setting; all: every pair of its images")
+    pr.add_argument("--min-gap", type=float, default=0.0, help="skip pairs whose rewards differ by less than this")
     for name, (generate, add_args, help_text) in GENERATORS.items():
         g = sub.add_parser(name, help=help_text)
         g.add_argument("--workflow", required=True, help="API-format workflow template (path, as the spec will "
@@ -46,6 +58,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{summary.finished} runs finished, {summary.skipped} skipped (already done), "
                   f"{len(summary.failed)} failed; report: {summary.report}")
             return 1 if summary.failed else 0
+        if args.command == "pairs":
+            path, n = write_pairs(load_spec(args.spec), args.out, weights=parse_weights(args.weights),
+                                  setting=args.setting, min_gap=args.min_gap, mode=args.mode)
+            print(f"{path}: {n} preference pairs; check them with troupe_train.py validate {path}")
+            return 0
         if args.command == "report":
             print(finish(load_spec(args.spec), args.out))
             return 0

@@ -27,6 +27,7 @@ hold ``s_star`` [D].
 """
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -254,6 +255,20 @@ class Alignment:
 
 
 # --------------------------------------------------------------------------- S* as a T5 input embedding
+
+
+class EmbeddingsAsIds:
+    """A view of a ComfyUI tokenizer whose embedding vectors (``embedding:<name>`` in the prompt) read as the id -1,
+    so label positions are found in the same token sequence T5 receives."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.end_token = getattr(tokenizer, "end_token", 1)
+        self.pad_token = getattr(tokenizer, "pad_token", 0)
+
+    def tokenize_with_weights(self, text: str, return_word_ids: bool = False, **kwargs):
+        batches = self.tokenizer.tokenize_with_weights(text, return_word_ids=return_word_ids, **kwargs)
+        return [[(t[0] if isinstance(t[0], numbers.Integral) else -1, *t[1:]) for t in batch] for batch in batches]
 
 
 class StarNotFound(ValueError):

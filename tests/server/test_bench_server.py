@@ -162,3 +162,30 @@ def test_shipped_templates_name_nodes_and_inputs_the_server_has(comfy_server):
             names = {*spec.get("required", {}), *spec.get("optional", {})}
             unknown = set(node["inputs"]) - names
             assert not unknown, (path.name, nid, unknown)
+
+
+def test_a_run_with_three_seeds_gives_focusdpo_pairs(comfy_server, adapter, tmp_path):
+    """K = 3 samples of one case through the server, scored in the graph, then ``python -m evaluation.bench pairs``:
+    a training manifest whose winner has the higher reward, recomputed here from results.csv."""
+    from comfyui_troupe.training.manifest import read_manifest, validate_manifest
+
+    path = write_spec(tmp_path / "spec", combinations="living_object", per=1, prompts=1)
+    spec = json.loads(path.read_text())
+    spec.update(seeds=[0, 1, 2], settings={"adapter on": {}}, compare=[])
+    path.write_text(json.dumps(spec, indent=1))
+    out = tmp_path / "out"
+    stdout, stderr = bench(path, out, comfy_server).communicate(timeout=RUN_TIMEOUT_S)
+    assert "3 runs finished" in stdout, stderr[-3000:]
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    done = subprocess.run([sys.executable, "-m", "evaluation.bench", "pairs", str(path), "--out", str(out),
+                           "--weights", "dino_mean=1,clip_i_mean=1"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "1 preference pairs" in done.stdout
+    manifest = out / "pairs.jsonl"
+    assert validate_manifest(manifest).ok
+    (record,) = read_manifest(manifest)
+    rewards = {r["image"]: float(r["dino_mean"]) + float(r["clip_i_mean"]) for r in data_rows(out / "results.csv")}
+    winner, loser = record.image.relative_to(out).as_posix(), record.loser.relative_to(out).as_posix()
+    assert rewards[winner] == max(rewards.values()) and rewards[loser] == min(rewards.values())
+    assert record.scores == pytest.approx((rewards[winner], rewards[loser]), abs=1e-6)

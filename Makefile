@@ -7,8 +7,10 @@ export TROUPE_HOST := $(shell COMFYUI="$(COMFYUI)" bash scripts/host.sh --dir)
 PY := $(TROUPE_HOST)/venv/bin/python
 PORT ?= 8188
 PYTEST_ARGS ?=
+QUICK ?=
+PEERS ?=
 
-.PHONY: host demo serve lint test test-unit clean-host
+.PHONY: host demo serve lint test test-unit bench clean-host
 
 host:
 	@bash scripts/host.sh
@@ -27,6 +29,11 @@ test: host lint
 
 test-unit: host
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+# Every benchmark the README quotes, one markdown table per family in bench-results/ (QUICK=1: a few minutes).
+# Peers from checkouts outside the repository: PEERS="--peer-ipadapter-plus DIR --peer-instantx DIR --peer-xflux DIR".
+bench: host
+	$(PY) scripts/bench_all.py $(if $(QUICK),--quick) $(PEERS)
 
 clean-host:
 	rm -rf $(TROUPE_HOST)

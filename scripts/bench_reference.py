@@ -13,6 +13,11 @@ activations and the reference stream, not the weights. Absolute seconds are this
 read the ratios.
 
 Usage: ``.host/venv/bin/python scripts/bench_reference.py [--sizes 512 1024] [--refs 1 2 3 4]``
+
+``--family [--quick]`` (what ``make bench`` runs): one table of the standard benchmark columns for 4 references
+of 512 px (1024 tokens each) on a 512-px image: base, ``self_cached`` (steady step apart from its first-step
+setup), ``joint`` (not in quick mode) and ComfyUI's own ``ReferenceLatent`` (FLUX Kontext multi-reference) with
+the same references, interleaved in rounds of sampling runs.
 """
 from __future__ import annotations
 
@@ -25,7 +30,18 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from bench_common import PeakRSS
+from bench_common import (
+    Config,
+    PeakRSS,
+    count_added,
+    family_table,
+    interleave,
+    reference_latent_flops,
+    reference_self_cached_flops,
+    run_flops,
+    sampler_run,
+    tensor_bytes,
+)
 
 
 def measure(fn) -> tuple[float, float]:
@@ -66,7 +82,15 @@ def build(double: int, single: int):
     return tm._patcher(model), tm
 
 
-def patched_model(base, refs: int, rank: int, attention: str):
+def reference_latents(refs: int, size: int = 512):
+    """``refs`` random 16-channel latents of ``size``-px references (seeded): [16, size/8, size/8] each."""
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(16, size // 8, size // 8, generator=g) for _ in range(refs)]
+
+
+def patched_model(base, refs: int, rank: int, attention: str, ref_px: int = 512):
     import comfy.ldm.flux.math
     import torch
 
@@ -75,8 +99,8 @@ def patched_model(base, refs: int, rank: int, attention: str):
     from comfyui_troupe.nodes.reference_branch import install_branch
 
     dit = base.model.diffusion_model
-    g = torch.Generator().manual_seed(1)
-    lats = [torch.randn(16, 64, 64, generator=g) for _ in range(refs)]  # 512-px references
+    lats = reference_latents(refs, ref_px)
+    g = torch.Generator().manual_seed(2)
     dims = FluxDims.from_model(dit)
     sd = {}
     for name, (_m, _off, rows, fin) in mosaic_targets(dims).items():
@@ -85,6 +109,77 @@ def patched_model(base, refs: int, rank: int, attention: str):
     branch = ReferenceBranch(dit=dit, latents=lats, ref_subject=list(range(refs)),
                              options=ReferenceOptions(attention=attention), lora=load_reference_lora(sd, dims))
     return install_branch(base, branch, comfy.ldm.flux.math.attention)
+
+
+def family(args) -> str:
+    """The ``make bench`` table: base, self_cached, joint (full mode) and ReferenceLatent, interleaved."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    base, tm = build(args.double, args.single)
+    import node_helpers  # ComfyUI's, importable once build() has set ComfyUI up
+
+    from comfyui_troupe.models.reference import hooks
+    dit = base.model.diffusion_model
+    width, blocks = dit.hidden_size, args.double + args.single
+    size, refs, ref_px = 512, 4, args.ref_size
+    per_ref = (ref_px // 16) ** 2
+    ref_tokens = refs * per_ref
+    n_img = (size // 16) ** 2
+    pos, neg = tm.flux_conditioning(0, tokens=args.text), tm.flux_conditioning(1, tokens=args.text)
+    latent = torch.zeros(1, 16, size // 8, size // 8)
+    caches: dict = {}
+
+    def cached_kv(*a, **kw):  # the self_cached K/V a run builds, weighed as it is made
+        kv = original_kv(*a, **kw)
+        caches["self_cached"] = tensor_bytes(kv)
+        return kv
+
+    original_kv = hooks.self_cached_kv
+    hooks.self_cached_kv = cached_kv
+
+    def runner(model, positive=pos):
+        return lambda steps, tick: sampler_run(model, positive, neg, latent, steps, tick)
+
+
+    kontext = [[c, dict(extra)] for c, extra in pos]
+    for lat in reference_latents(refs, ref_px):  # what the ReferenceLatent node does, once per reference
+        kontext = node_helpers.conditioning_set_values(kontext, {"reference_latents": [lat[None]]}, append=True)
+    configs = [Config("base (proxy FLUX, no references)", runner(base))]
+    modes = [m for m in args.modes.split(",") if m]
+    rows = args.text + n_img
+    for mode in modes:
+        m = patched_model(base, refs, args.rank, mode, ref_px)
+        if mode == "self_cached":
+            configs.append(Config(
+                f"Troupe reference branch, self_cached, {refs} refs x {per_ref} tokens", runner(m),
+                flops=reference_self_cached_flops(rows, ref_tokens, width, blocks),
+                cache=lambda: caches.get("self_cached"),
+                formula=f"{blocks} blocks x 4 x ({args.text} text + {n_img} image queries) x {ref_tokens} cached "
+                        f"reference keys x {width} (attention only; the references' own pass is setup)"))
+        else:
+            configs.append(Config(
+                f"Troupe reference branch, joint, {refs} refs x {per_ref} tokens", runner(m),
+                flops=reference_latent_flops(n_img, args.text, ref_tokens, width, blocks),
+                formula=f"as ReferenceLatent: every block on text + image + {ref_tokens} reference tokens (LoRA left "
+                        "out)"))
+    configs.append(Config(
+        f"peer: ComfyUI ReferenceLatent x {refs} (Kontext style), {per_ref} tokens each", runner(base, kontext),
+        peer=True,
+       
+        flops=reference_latent_flops(n_img, args.text, ref_tokens, width, blocks),
+        formula=f"{blocks} x (block(n + {ref_tokens}) - block(n)), n = {rows} tokens, block(n) = 24 n D^2 + 4 n^2 D"))
+    base_flops = run_flops(configs[0].run, 1)[0]  # also the warm-up
+    if args.count:
+        count_added(configs, base_flops)
+    interleave(configs, args.rounds, args.steps, log=lambda m: print(m, file=sys.stderr, flush=True))
+    setting = (f"CPU proxy of FLUX.1: ComfyUI's Flux at full width ({width}, 24 heads, MLP x4, T5 width 4096), "
+               f"{args.double} double + {args.single} single block(s) instead of 19 + 38, random weights, fp32, "
+               f"{args.threads} threads on a shared {os.cpu_count()}-core CPU (no GPU was lent); {size}x{size} image "
+               f"({n_img} tokens), {args.text} text tokens, {refs} references of {ref_px} px ({per_ref} tokens each), rank-"
+               f"{args.rank} MOSAIC-layout LoRA, euler, cfg 1 (one model call per step).")
+    return family_table("Reference branch (FLUX) against ComfyUI's ReferenceLatent", setting, configs, base_flops,
+                        args.rounds, args.steps)
 
 
 def main() -> None:
@@ -96,9 +191,25 @@ def main() -> None:
     ap.add_argument("--single", type=int, default=1)
     ap.add_argument("--rank", type=int, default=512)
     ap.add_argument("--text", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=1, help="sampler steps per measured run (time is per step)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="sampler steps per measured run (time is per step; default 1, with --family 3, quick 2)")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("BENCH_THREADS", "2")))
+    ap.add_argument("--family", action="store_true", help="the make-bench table (4 references, peers, setup apart)")
+    ap.add_argument("--quick", action="store_true", help="with --family: no joint row, 2 rounds of 2-step runs")
+    ap.add_argument("--rounds", type=int, default=None, help="with --family: interleaved rounds (default 3; quick 2)")
+    ap.add_argument("--modes", default=None, help="with --family: reference_attention rows (self_cached,joint; "
+                                                  "quick: self_cached)")
+    ap.add_argument("--ref-size", type=int, default=None, help="with --family: reference side in px (512; quick 256)")
+    ap.add_argument("--count", action="store_true", help="with --family: also count each row's FLOPs with torch")
     args = ap.parse_args()
+    if args.family:
+        args.rounds = args.rounds or (2 if args.quick else 3)
+        args.steps = args.steps or (2 if args.quick else 3)
+        args.modes = args.modes or ("self_cached" if args.quick else "self_cached,joint")
+        args.ref_size = args.ref_size or (256 if args.quick else 512)
+        print(family(args))
+        return
+    args.steps = args.steps or 1
     import torch
 
     torch.set_num_threads(args.threads)

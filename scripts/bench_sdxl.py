@@ -11,12 +11,19 @@ during the forward (sampled every 5 ms), since CPU torch has no allocator statis
 
 Run: .host/venv/bin/python scripts/bench_sdxl.py [--size 512] [--subjects 1,2,4,8] [--repeats 1]
 Prints a markdown table (the README's ``### Measured``).
+
+``--family [--quick] [--peer DIR]`` (what ``make bench`` runs): one table of the standard benchmark columns through
+ComfyUI's sampler (cfg 1): base, TroupeApplySDXL's patch with an R^3 file (4 subjects x 4 levels x 16 tokens,
+joint, every layer) and cubiq's IPAdapter_plus chained once per masked subject with 4 tokens (IP-Adapter) and 16
+tokens (IP-Adapter Plus, the pack's count per level). ``--quick``: the UNet with transformer depth 1 in every
+block (11 attention layers, full widths); otherwise the full-size UNet (about 14 GB of memory).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import functools
+import math
 import os
 import sys
 import time
@@ -27,7 +34,20 @@ sys.path.insert(0, str(ROOT / "tests"))  # the tiny-model helpers (ComfyUI in-pr
 
 import conftest  # noqa: F401  (registers the pack as comfyui_troupe; sets 1 torch thread)
 import torch
-from bench_common import PeakRSS
+from bench_common import (
+    Config,
+    Inside,
+    NotRun,
+    PeakRSS,
+    attention_flops,
+    count_added,
+    family_table,
+    interleave,
+    kv_projection_flops,
+    run_flops,
+    sampler_run,
+    tensor_bytes,
+)
 
 FULL_SDXL_UNET = {
     "use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4, "use_spatial_transformer": True,
@@ -39,13 +59,49 @@ FULL_SDXL_UNET = {
 }
 
 
-def build_unet():
+QUICK_SDXL_UNET = dict(FULL_SDXL_UNET, transformer_depth=[0, 0, 1, 1, 1, 1], transformer_depth_middle=1,
+                       transformer_depth_output=[0, 0, 0, 1, 1, 1, 1, 1, 1])
+
+
+def attention_layers(config: dict, latent: int) -> list[tuple[int, int]]:
+    """(pixel tokens, width) of every cross-attention layer of an SDXL-style UNet config at a ``latent`` side:
+    level l has width model_channels x channel_mult[l] at (latent / 2^l)^2 tokens; input blocks 2l, 2l + 1 and
+    output blocks 3 (L - 1 - l) .. + 2 belong to level l, the middle block to the last level."""
+    mults, ch = config["channel_mult"], config["model_channels"]
+    depth_in, depth_out, levels = config["transformer_depth"], config["transformer_depth_output"], len(mults)
+    out = []
+    for level in range(levels):
+        tokens, width = (latent // 2 ** level) ** 2, ch * mults[level]
+        count = sum(depth_in[2 * level:2 * level + 2])
+        count += sum(depth_out[3 * (levels - 1 - level):3 * (levels - 1 - level) + 3])
+        if level == levels - 1:
+            count += config["transformer_depth_middle"]
+        out += [(tokens, width)] * count
+    return out
+
+
+def regional_flops(layers: list[tuple[int, int]], covered, tokens: int) -> float:
+    """The joint regional image term on every layer: each pixel attends to the ``tokens`` tokens of every subject
+    whose region reaches it, so a layer of P pixels costs 4 x covered(P) x tokens x width, with ``covered(P)`` the
+    number of (pixel, subject) pairs at that grid (K/V cached for the run)."""
+    return sum(attention_flops(covered(p), tokens, w) for p, w in layers)
+
+
+def ipadapter_flops(layers: list[tuple[int, int]], subjects: int, tokens: int, context: int = 2048) -> float:
+    """IPAdapter_plus, one masked patch per subject on every layer it patches: each call projects the subject's
+    K/V from its ``tokens`` cond tokens and from its ``tokens`` uncond tokens (both, whatever the batch holds), and
+    attends every pixel to them (the mask multiplies the output afterwards)."""
+    return subjects * sum(2 * kv_projection_flops(tokens, context, w) + attention_flops(p, tokens, w)
+                          for p, w in layers)
+
+
+def build_unet(config: dict = FULL_SDXL_UNET):
     from fixtures.tiny_models import _patcher, ensure_comfy, init_weights
 
     ensure_comfy()
     import comfy.supported_models
 
-    cfg = comfy.supported_models.SDXL(dict(FULL_SDXL_UNET))
+    cfg = comfy.supported_models.SDXL(dict(config))
     cfg.set_inference_dtype(torch.float32, None)
     model = cfg.get_model({})
     init_weights(model.diffusion_model, seed=0)
@@ -53,11 +109,12 @@ def build_unet():
 
 
 def build_adapter(widths: dict, levels: int = 4):
-    """A full-size R^3 adapter (70 layers of to_k_ip / to_v_ip, router) with random weights."""
-    from comfyui_troupe.models.sdxl.adapter import SdxlAdapter, sdxl_layer_keys
+    """An R^3 adapter with random weights: to_k_ip / to_v_ip for every cross-attention layer of the UNet (70 for
+    the full-size one, 11 for transformer depth 1), the router."""
+    from comfyui_troupe.models.sdxl.adapter import SdxlAdapter, depths_for, sdxl_layer_keys
     from comfyui_troupe.models.sdxl.refiner import RefinerConfig
 
-    keys = sdxl_layer_keys()
+    keys = sdxl_layer_keys(depths_for(len(widths)))
     module = SdxlAdapter("troupe-r3", layer_widths=[widths[k][1] for k in keys], linear=(1280, 16),
                          refiner=RefinerConfig() if levels == 4 else None)
     gen = torch.Generator().manual_seed(1)
@@ -70,7 +127,8 @@ def build_adapter(widths: dict, levels: int = 4):
     return module
 
 
-def peer_model(base, adapter, peer_dir: Path, boxes, size: int, sigma_start: float, wrap=lambda fn: fn):
+def peer_model(base, adapter, peer_dir: Path, boxes, size: int, sigma_start: float, wrap=lambda fn: fn,
+               tokens: int = 4):
     """cubiq's IPAdapter_plus Attn2Replace chained once per masked subject, keyed the way that pack keys SDXL
     (its middle block key ("middle", 1, i) is never looked up by ComfyUI, so it patches 60 of the 70 layers)."""
     import importlib
@@ -81,7 +139,7 @@ def peer_model(base, adapter, peer_dir: Path, boxes, size: int, sigma_start: flo
     sys.modules["troupe_bench_peer"] = pkg
     cap = importlib.import_module("troupe_bench_peer.CrossAttentionPatch")
     from comfyui_troupe.models.layout.layout import render_box
-    from comfyui_troupe.models.sdxl.adapter import sdxl_layer_keys
+    from comfyui_troupe.models.sdxl.adapter import depths_for, sdxl_layer_keys
 
     class PeerAdapter:
         def __init__(self):
@@ -95,12 +153,12 @@ def peer_model(base, adapter, peer_dir: Path, boxes, size: int, sigma_start: flo
     ipa = PeerAdapter()
     callback = wrap(cap.ipadapter_attention)  # the per-subject image term, timed like ours
     gen = torch.Generator().manual_seed(2)
-    subjects = [{"ipadapter": ipa, "weight": 0.6, "cond": torch.randn(1, 4, 2048, generator=gen),
-                     "uncond": torch.zeros(1, 4, 2048), "cond_alt": None, "weight_type": "linear",
+    subjects = [{"ipadapter": ipa, "weight": 0.6, "cond": torch.randn(1, tokens, 2048, generator=gen),
+                     "uncond": torch.zeros(1, tokens, 2048), "cond_alt": None, "weight_type": "linear",
                      "mask": render_box(b, size // 8, size // 8)[None], "sigma_start": sigma_start, "sigma_end": 0.0,
                      "unfold_batch": False, "embeds_scaling": "V only"} for b in boxes]
     m = base.clone()
-    for number, (block, idx, j) in enumerate(sdxl_layer_keys()):
+    for number, (block, idx, j) in enumerate(sdxl_layer_keys(depths_for(len(adapter.layers)))):
         patch = None
         for kw in subjects:
             kw = dict(kw, module_key=str(number * 2 + 1))
@@ -122,6 +180,90 @@ def forward(patcher, x, sigma, context, y, run_options=None):
         return patcher.model.diffusion_model(x, t, context=context, y=y, transformer_options=to)
 
 
+def family(args) -> str:
+    """The ``make bench`` SDXL table: base, the R^3 patch, IPAdapter_plus with 4 and 16 tokens, interleaved."""
+    config = QUICK_SDXL_UNET if args.quick else FULL_SDXL_UNET
+    base = build_unet(config)  # also sets ComfyUI up, so the pack's nodes import
+    import comfy.ldm.modules.attention as comfy_attention
+    from fixtures.tiny_models import sdxl_conditioning
+
+    from comfyui_troupe.models.layout.layout import Layout, Region, render_box
+    from comfyui_troupe.models.sdxl.patch import RegionalAttentionPatch, RegionalParams, layer_keys_for
+    from comfyui_troupe.models.sdxl.router import router_time
+    from comfyui_troupe.nodes import lifecycle
+    from comfyui_troupe.nodes import sdxl as node
+
+    adapter = build_adapter(node.attention_widths(base))
+    size, lat, n = args.size, args.size // 8, 4
+    layers = attention_layers(config, lat)
+    pos, neg = sdxl_conditioning(0, width=size, height=size), sdxl_conditioning(1, width=size, height=size)
+    latent = torch.zeros(1, 4, lat, lat)
+    sampling = base.get_model_object("model_sampling")
+    boxes = [((i % 4) / 4, (i // 4) / 2, min(1.0, (i % 4) / 4 + 0.3), min(1.0, (i // 4) / 2 + 0.55)) for i in range(n)]
+    coverage = sum((x1 - x0) * (y1 - y0) for x0, y0, x1, y1 in boxes)
+    def covered(pixels: int) -> int:  # (pixel, subject) pairs the regions reach at a square grid of ``pixels``
+        side = math.isqrt(pixels)
+        return sum(int((render_box(b, side, side) > 0).sum()) for b in boxes)
+
+    gen = torch.Generator().manual_seed(0)
+    inside, peer_inside, kv = Inside(), Inside(), {}
+
+    def runner(model):
+        return lambda steps, tick: sampler_run(model, pos, neg, latent, steps, tick)
+
+
+    layout = Layout(size, size, tuple(Region(box=b) for b in boxes))
+    patch = RegionalAttentionPatch(adapter, torch.randn(n, 4, 16, 2048, generator=gen), layout,
+                                   RegionalParams(weight=0.6, blocks="all", routing="learned"),
+                                   attention=comfy_attention.optimized_attention,
+                                   sigma_to_t=functools.partial(router_time, sampling))
+    original = patch.projections
+
+    def projections(run, *a, **kw):  # the run's K/V cache, weighed when a layer adds to it
+        out = original(run, *a, **kw)
+        if len(run) != kv.get("entries"):
+            kv["entries"], kv["bytes"] = len(run), tensor_bytes([v for k, v in run.items() if k[0] == "kv"])
+        return out
+
+    patch.projections = projections
+    patch.image_attention = inside.wrap(patch.image_attention)
+    m = lifecycle.install(base, patch, "sdxl", attn2=layer_keys_for(adapter, "all"))
+    configs: list = [Config("base (SDXL UNet)", runner(base)), Config(
+        f"Troupe, R^3 file, {n} subjects x 4 levels x 16 tokens, joint", runner(m), inside=inside,
+        flops=regional_flops(layers, covered, 64), cache=lambda: kv.get("bytes"),
+        formula=f"{len(layers)} layers: 4 x (pixel, subject) pairs the regions reach (about {coverage:.2f} x pixels) "
+                "x 64 tokens x width")]
+    if args.peer is None:
+        configs.append(NotRun("peer: IPAdapter_plus", "no --peer-ipadapter-plus checkout given"))
+    else:
+        for tokens in (4, 16):
+            pm = peer_model(base, adapter, args.peer, boxes, size, sampling.percent_to_sigma(0.0),
+                            wrap=peer_inside.wrap, tokens=tokens)
+            last = (lat // 2 ** (len(config["channel_mult"]) - 1)) ** 2
+            patched = list(layers)  # every layer but the middle block's: that key ComfyUI never looks up
+            for _ in range(config["transformer_depth_middle"]):
+                patched.remove((last, config["model_channels"] * config["channel_mult"][-1]))
+            configs.append(Config(
+                f"peer: IPAdapter_plus, {n} chained masked subjects x {tokens} tokens", runner(pm),
+                inside=peer_inside, peer=True, flops=ipadapter_flops(patched, n, tokens),
+                formula=f"{len(patched)} layers (its middle-block key is never looked up) x {n} subjects: K/V of "
+                        f"{tokens} cond and {tokens} uncond tokens every call (2 x 2 x 2 x {tokens} x 2048 x width) + "
+                        f"4 x pixels x {tokens} x width"))
+    base_flops = run_flops(configs[0].run, 1)[0]  # also the warm-up
+    if args.count:
+        count_added(configs, base_flops)
+    interleave([c for c in configs if isinstance(c, Config)], args.rounds, args.steps,
+               log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    params = sum(p.numel() for p in base.model.diffusion_model.parameters()) / 1e9
+    setting = (f"{'Quick: the SDXL UNet with transformer depth 1 in every block' if args.quick else 'Full-size SDXL UNet'}"
+               f" ({params:.2f} B parameters, {len(layers)} cross-attention layers, ComfyUI's own classes, random "
+               f"weights), {size}x{size}, fp32, {torch.get_num_threads()} torch thread(s) on a shared "
+               f"{os.cpu_count()}-core CPU (no GPU was lent); euler, cfg 1 (one UNet call per step); {n} subjects in "
+               f"overlapping boxes covering {coverage:.2f} image areas in total; the peer from a checkout outside the "
+               "repository, its adapter layers the R^3 file's to_k_ip / to_v_ip.")
+    return family_table("SDXL adapter against IPAdapter_plus", setting, configs, base_flops, args.rounds, args.steps)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=int, default=512, help="image side in pixels (latent = size / 8)")
@@ -132,9 +274,19 @@ def main() -> int:
     ap.add_argument("--peer", type=Path, default=None,
                     help="a checkout of cubiq/ComfyUI_IPAdapter_plus OUTSIDE this repository: also time what users do "
                          "today, one masked IP-Adapter patch per subject (4 subjects x 4 tokens), in the same rounds")
+    ap.add_argument("--family", action="store_true", help="the make-bench table: Troupe and the peer, interleaved")
+    ap.add_argument("--quick", action="store_true", help="with --family: transformer depth 1, 2 rounds of 2 steps")
+    ap.add_argument("--rounds", type=int, default=None, help="with --family: interleaved rounds (default 3; quick 2)")
+    ap.add_argument("--steps", type=int, default=None, help="with --family: steps per run (default 3; quick 2)")
+    ap.add_argument("--count", action="store_true", help="with --family: also count each row's FLOPs with torch")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.family:
+        args.rounds = args.rounds or (2 if args.quick else 3)
+        args.steps = args.steps or (2 if args.quick else 3)
+        print(family(args))
+        return 0
 
     from fixtures.tiny_models import ensure_comfy
 

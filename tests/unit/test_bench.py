@@ -1,15 +1,17 @@
 """The benchmark runner without a server: spec generators (MS-Bench, DynaIP Table 3), spec checks, graph filling,
-the resumable CSV, the paired bootstrap, the report."""
+the resumable CSV, the paired bootstrap, the report; and ``make bench``'s FLOP estimates and table arithmetic."""
 from __future__ import annotations
 
 import csv
 import json
 import math
+import sys
 from argparse import Namespace
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from comfyui_troupe.evaluation.bench import generators
 from comfyui_troupe.evaluation.bench.__main__ import main
@@ -21,6 +23,9 @@ from comfyui_troupe.evaluation.bench.spec import SpecError, load_spec, parse_spe
 from comfyui_troupe.evaluation.stats import bootstrap_ci, paired_difference
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "scripts"))  # the benchmark scripts' shared module (FLOP formulas, the table)
+import bench_common as bc
+
 TEMPLATE = ROOT / "tests" / "server" / "bench" / "tiny_sdxl_template.json"
 TABLE3 = [  # DynaIP (004) Table 3, as printed: type, template, the 6 variations [P]
     ("living+living", "a {0} and a {1} [P], {0} on the left, and {1} on the right", "in a room"),
@@ -268,3 +273,99 @@ def test_report_palette_is_the_packs_and_missing_runs_show(msbench, tmp_path):
     assert page.count("<img class=output") == 1 and page.count("<img class=heatmap") == 1
     assert "not run yet" in page and "<table class=scores>" in page and "Nothing" not in page
     assert "class='num neg'>-0.1000" in page  # a negative identity margin is marked
+
+
+# --------------------------------------------------------------------------- make bench: FLOP estimates and the table
+# scripts/bench_common.py holds the FLOP formulas the benchmark tables divide by; each is checked against a hand
+# count and against torch's own FlopCounterMode on real ComfyUI FLUX blocks (tiny width, same structure).
+
+
+def test_attention_and_linear_flops_match_a_hand_count_and_torchs_counter():
+    # hand count: Q K^T is 3 x 5 dot products of width 8 (8 multiply-adds each), A V the same: 2 x 120 MACs
+    assert bc.attention_flops(3, 5, 8) == 2 * (2 * 3 * 5 * 8)
+    assert bc.linear_flops(7, 4, 6) == 2 * 7 * 4 * 6
+    q, k, v = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4)  # 2 heads of 4: width 8
+    counted = bc.counted_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    assert counted == bc.attention_flops(3, 5, 8)
+    lin = torch.nn.Linear(4, 6)
+    assert bc.counted_flops(lambda: lin(torch.randn(7, 4))) == bc.linear_flops(7, 4, 6)
+
+
+def _flux_block_inputs(dit, n_txt: int, n_img: int):
+    g = torch.Generator().manual_seed(0)
+    d = dit.hidden_size
+    ids = torch.zeros(1, n_txt + n_img, 3)
+    ids[0, n_txt:, 1] = torch.arange(n_img) // 4
+    ids[0, n_txt:, 2] = torch.arange(n_img) % 4
+    pe = dit.pe_embedder(ids)
+    return (torch.randn(1, n_img, d, generator=g), torch.randn(1, n_txt, d, generator=g),
+            torch.randn(1, d, generator=g), pe)
+
+
+@pytest.mark.parametrize("kind", ["double", "single"])
+def test_flux_block_flops_equal_torchs_count_on_comfyui_blocks(kind):
+    """24 D^2 per token + 4 n^2 D per block: the difference between two token counts, counted by torch on ComfyUI's
+    own blocks, equals the formula's exactly (the modulation, per batch row, cancels in the difference)."""
+    from fixtures.tiny_models import tiny_flux
+
+    dit = tiny_flux().model.diffusion_model
+    width = dit.hidden_size
+
+    def count(n_txt, n_img):
+        img, txt, vec, pe = _flux_block_inputs(dit, n_txt, n_img)
+        with torch.inference_mode():
+            if kind == "double":
+                return bc.counted_flops(lambda: dit.double_blocks[0](img=img, txt=txt, vec=vec, pe=pe))
+            return bc.counted_flops(lambda: dit.single_blocks[0](torch.cat((txt, img), 1), vec=vec, pe=pe))
+
+    small, large = count(3, 8), count(5, 16)
+    assert large - small == bc.flux_block_flops(21, width) - bc.flux_block_flops(11, width)
+    # by hand at D = 64, 21 tokens: QKV 3 D^2 + proj D^2 + MLP 8 D^2 = 12 D^2 MACs per token, and 21^2 x D x 2 MACs
+    assert bc.flux_block_flops(21, 64) == 2 * (12 * 64 * 64 * 21) + 2 * (2 * 21 * 21 * 64)
+
+
+def test_reference_branch_estimates_by_hand_and_by_torchs_count():
+    # self_cached: 2 blocks, 3 query rows, 4 cached reference keys, width 8: 2 x (3 x 4 x 8 MACs) x 2 per block
+    assert bc.reference_self_cached_flops(3, 4, 8, blocks=2) == 2 * (2 * 3 * 4 * 8) * 2
+    q = torch.randn(1, 2, 6, 4)
+    k, v = torch.randn(1, 2, 6 + 10, 4), torch.randn(1, 2, 6 + 10, 4)  # [own keys | 10 cached reference keys]
+    joint = bc.counted_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    alone = bc.counted_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, k[:, :, :6], v[:, :, :6]))
+    assert joint - alone == bc.reference_self_cached_flops(6, 10, 8, blocks=1)
+    # ReferenceLatent: every block on n + R tokens: 24 D^2 R more products and 4 D ((n + R)^2 - n^2) more attention
+    n, r, d = 5, 3, 8
+    assert bc.reference_latent_flops(2, 3, r, d, blocks=2) == 2 * (24 * d * d * r + 4 * d * ((n + r) ** 2 - n ** 2))
+    # the issue's figure, full FLUX.1 double block at 512 px (1024 image + 512 text tokens), 4 x 1024 reference keys:
+    # image queries only 13.7 % of the block; the branch's joint attention also lets the 512 text queries attend to
+    # the references, so its estimate is 20.5 %
+    block = bc.flux_block_flops(1536, 3072)
+    assert bc.reference_self_cached_flops(1024, 4096, 3072, 1) / block == pytest.approx(0.1367, abs=5e-4)
+    assert bc.reference_self_cached_flops(1536, 4096, 3072, 1) / block == pytest.approx(0.2051, abs=5e-4)
+
+
+def test_kv_projection_flops_count_both_linears_and_the_bias():
+    assert bc.kv_projection_flops(16, 4096, 3072) == 2 * (2 * 16 * 4096 * 3072)
+    assert bc.kv_projection_flops(16, 4096, 3072, bias=True) == 2 * (2 * 16 * 4096 * 3072) + 2 * 16 * 3072
+
+
+def test_family_table_medians_ratios_and_peers_not_run():
+    """The table's arithmetic on fixed numbers (no timing): medians over rounds, added time paired by round, and
+    measured / FLOP estimate = time inside the term / (estimated FLOP / the base's measured FLOP rate)."""
+    base = bc.Config("base", run=None)
+    base.first, base.steady, base.memory = [3.0, 3.4, 3.2], [2.0, 2.4, 2.2], [100 * 2**20, 110 * 2**20, 90 * 2**20]
+    base.wall = [1.1, 1.3, 1.2]
+    patch = bc.Config("patch", run=None, flops=1e9, inside=bc.Inside(), formula="4 q k w")
+    patch.first, patch.steady, patch.wall = [5.0, 5.6, 5.2], [2.1, 2.6, 2.3], [1.2, 1.5, 1.4]
+    patch.inside_s, patch.memory, patch.cache_bytes = [0.04, 0.06, 0.05], [150 * 2**20] * 3, 64 * 2**20
+    patch.counted = 1.1e9
+    table = bc.family_table("T", "setting", [base, patch, bc.NotRun("peer: X", "no --peer-x checkout given")],
+                            base_flops=22e9, rounds=3, steps=3)
+    row = next(line for line in table.splitlines() if line.startswith("| patch |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    # steady median 2.3, x base 2.3 / 2.2; first 5.2 (setup 5.2 - 2.3 = 2.9, base's 3.2 - 2.2 = 1.0: +1.90 more)
+    assert cells[1] == "2.30 (1.40)" and cells[2] == f"{2.3 / 2.2:.3f}" and cells[3] == "5.20 (+1.90 vs base)"
+    assert cells[4] == "+0.100"  # paired by round: 0.1, 0.2, 0.1 -> median 0.1
+    assert cells[5] == "50" and cells[6] == "150 (+40)" and cells[7] == "64" and cells[8] == "1.00 (1.10)"
+    # rate = 22 GFLOP / 2.2 CPU s = 10 GFLOP/s, so 1 GFLOP is 0.1 s; 0.05 s measured inside the term -> 0.50
+    assert cells[9] == "0.50"
+    assert "| peer: X | not run: no --peer-x checkout given |" in table and "- patch: 4 q k w" in table

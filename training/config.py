@@ -21,10 +21,11 @@ from typing import Any
 from ..models.layout.layout import LayoutError, validate_box
 from .manifest import MAX_SUBJECTS, label_in_caption
 
-METHODS = ("r3", "ms-diffusion", "multipersona", "dynaip", "mosaic", "aligngen")
+METHODS = ("r3", "ms-diffusion", "multipersona", "dynaip", "mosaic", "aligngen", "focusdpo")
 FLUX_METHODS = ("dynaip", "mosaic", "aligngen")  # methods that train a FLUX adapter (the rest train SDXL adapters)
 REFERENCE_METHODS = ("mosaic", "aligngen")  # FLUX methods that train the reference branch (training/reference.py): no CLIP vision
 SDXL_METHODS = tuple(m for m in METHODS if m not in FLUX_METHODS)
+PREFERENCE_METHODS = ("focusdpo",)  # tune a trained adapter on preference pairs (training/focusdpo.py)
 FLUX_MODEL_KEYS = ("unet", "clip_l", "t5", "vae")  # the separate FLUX files a FLUX method needs
 # DynaIP "Implementation Details": AdamW, cosine schedule from 2e-5, weight decay 1e-4; the defaults of a dynaip run
 DYNAIP_TRAIN_DEFAULTS = {"learning_rate": 2e-5, "lr_schedule": "cosine", "weight_decay": 1e-4}
@@ -133,6 +134,23 @@ class MethodConfig:
     attention_rows: int = 256
     """mosaic: at most this many image rows (an even stride over the image tokens) enter the disentanglement loss per
     layer; explicit attention rows cost rows x keys x heads floats; our choice."""
+
+    dpo_beta: float = 5000.0
+    """focusdpo: beta of the Diffusion-DPO loss (Wallace et al. 2023; 5000, the SD1.5/SDXL value of its released
+    training scripts)."""
+    focus_strength: float = 1.0
+    """focusdpo: how much the focus map adds over uniform weights (F = 1 + strength * sum_i g_i m_i); 0 = plain
+    Diffusion-DPO; our choice (FocusDPO's abstract gives no value)."""
+    focus_gamma: float = 1.0
+    """focusdpo: shape of the timestep schedule s = (1 - t/1000)^gamma (uniform at high noise, the whole map at
+    t = 0); 1 = linear; our choice."""
+    confidence_kappa: float = 1.0
+    """focusdpo: how strongly patches where the tuned model errs more than the reference are down-weighted
+    (c = exp(-kappa * excess / mean reference error)); 0 = off; our choice."""
+    focus_patch: int = 2
+    """focusdpo: side of a focus patch in latent pixels (2 = 16 image pixels, near DINO's 14-pixel patch)."""
+    focus_floor: float = 0.1
+    """focusdpo: weight a matched but perfectly flat reference patch keeps (complexity floor); our choice."""
 
     @property
     def flux(self) -> bool:
@@ -485,6 +503,9 @@ def _method(t: _Table) -> MethodConfig:
         lora_rank=t.integer("lora_rank", 1), correspondence_weight=t.number("correspondence_weight", 0.0),
         disentangle_weight=t.number("disentangle_weight", 0.0), attention_layers=_attention_layers(t),
         attention_rows=t.integer("attention_rows", 1),
+        dpo_beta=t.number("dpo_beta", 0.0, lo_open=True), focus_strength=t.number("focus_strength", 0.0),
+        focus_gamma=t.number("focus_gamma", 0.0), confidence_kappa=t.number("confidence_kappa", 0.0),
+        focus_patch=t.integer("focus_patch", 1), focus_floor=t.number("focus_floor", 0.0, 1.0),
     )
 
 
@@ -621,6 +642,13 @@ def parse_config(data: dict, base_dir: str | os.PathLike) -> Config:
         if train.gradient_checkpointing:
             raise ConfigError(f'train.gradient_checkpointing: not available for method.name "{method.name}" yet; '
                               "set it to false")
+    if method.name == "focusdpo" and not model.dino:
+        raise ConfigError('model.dino: required when method.name is "focusdpo" (its focus map matches DINO patches '
+                          "of each sample with the subject's reference); set it to a folder in models/dino or a path")
+    if method.name == "focusdpo" and not method.init_adapter:
+        raise ConfigError('method.init_adapter: focusdpo tunes a trained adapter; name the MS-Diffusion or R^3 file '
+                          "to start from (a path or a name in models/ipadapter or models/troupe); it is also the "
+                          "frozen reference model of the DPO loss")
     if method.name == "aligngen" and not (model.clip_vision and model.redux):
         raise ConfigError(f'model.{"redux" if model.clip_vision else "clip_vision"}: required when method.name is '
                           '"aligngen" (its DEM reads FLUX Redux tokens, Eq. 4 of AlignGen); set model.clip_vision to the '

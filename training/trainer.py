@@ -41,7 +41,7 @@ LOG = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.json"
 CHECKPOINT_PREFIX = "checkpoint-"
 LOG_FIELDS = ("step", "loss", "diffusion", "align", "cos_cross", "cos_self", "alpha", "align_weight", "lr",
-              "step_seconds", "eval_diffusion")
+              "step_seconds", "eval_diffusion", "margin", "accuracy")
 EVAL_SAMPLES = 8  # the fixed evaluation batch: the same records, noise and timesteps at every checkpoint
 EVAL_STREAM = 1 << 40  # its positions lie far beyond any training position, so its draws are its own
 
@@ -215,7 +215,8 @@ class Trainer:
             with torch.no_grad():
                 alpha, _ = phase_schedule(max(self.step - 1, 0), self.config.method.name,
                                           self.config.method.phase1_steps, self.config.method.ramp_steps, 0.0)
-                value = float(module(self.frozen, samples, alpha, 0.0)["diffusion"])
+                out = module(self.frozen, samples, alpha, 0.0)
+                value = float(out["eval"] if "eval" in out else out["diffusion"])
         finally:
             module.train(was)
         return value
@@ -293,7 +294,7 @@ class Trainer:
                            last_samples=self.last_samples, checkpoint=last_checkpoint)
 
     def _row(self, sums: dict[str, float], alpha: float, lam: float, seconds: float) -> dict:
-        keys = ("loss", "diffusion", "align", "cos_cross", "cos_self")
+        keys = ("loss", "diffusion", "align", "cos_cross", "cos_self") + getattr(self.method, "log_keys", ())
         local = torch.tensor([sums.get(k, float("nan")) for k in keys], device=self.acc.device)
         mean = self.acc.reduce(local, reduction="mean").cpu().tolist()  # the global batch's mean
         row = {"step": self.step + 1, **{k: v for k, v in zip(keys, mean)}}
@@ -399,6 +400,10 @@ def method_for(name: str):
         from .flux import FluxMethod
 
         return FluxMethod()
+    if name == "focusdpo":
+        from .focusdpo import FocusDpoMethod
+
+        return FocusDpoMethod()
     return SdxlMethod()
 
 

@@ -233,6 +233,10 @@ def test_training_forward_gives_the_inference_numbers_and_lora_gradients():
     sample = _sample()
     with comfy_training_mode():
         out = module(frozen, [sample])
+        ups = list(lora.up.values())
+        for term in ("correspondence", "disentangle"):  # each attention term alone reaches the LoRA
+            grads = torch.autograd.grad(out[term], ups, retain_graph=True, allow_unused=True)
+            assert any(g is not None and g.abs().max() > 0 for g in grads), term
         out["loss"].backward()
     # the last single block's linear2 only writes the reference stream after the last block, which nothing reads
     last = f"single_blocks__{len(base.diffusion_model.single_blocks) - 1}__linear2"

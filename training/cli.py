@@ -84,6 +84,7 @@ def load_flux_components(config: Config):
     import folder_paths
 
     from ..models.adapter_file import detect_and_load, read_state_dict
+    from ..models.encoding.dino import load_hf_dino
     from ..models.encoding.hmoe import hmoe_from_state_dict
     from ..nodes import paths
     from ..nodes.adapter import families
@@ -117,8 +118,9 @@ def load_flux_components(config: Config):
         beside = Path(path).with_name(Path(path).stem + ".hmoe.safetensors")
         if beside.exists():
             fusion = hmoe_from_state_dict(read_state_dict(str(beside)))
-    return Components(base_model=patcher.model, clip=clip, vae=vae, clip_vision=clip_vision, initial_adapter=initial,
-                      initial_fusion=fusion, owned=True)
+    dino = load_hf_dino(dino_folder(m.dino, "model.dino")) if m.dino else None  # focusdpo-flux's focus maps
+    return Components(base_model=patcher.model, clip=clip, vae=vae, clip_vision=clip_vision, dino=dino,
+                      initial_adapter=initial, initial_fusion=fusion, owned=True)
 
 
 def dino_folder(name: str, key: str) -> str:

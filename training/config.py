@@ -21,11 +21,11 @@ from typing import Any
 from ..models.layout.layout import LayoutError, validate_box
 from .manifest import MAX_SUBJECTS, label_in_caption
 
-METHODS = ("r3", "ms-diffusion", "multipersona", "dynaip", "mosaic", "aligngen", "focusdpo")
-FLUX_METHODS = ("dynaip", "mosaic", "aligngen")  # methods that train a FLUX adapter (the rest train SDXL adapters)
+METHODS = ("r3", "ms-diffusion", "multipersona", "dynaip", "mosaic", "aligngen", "focusdpo", "focusdpo-flux")
+FLUX_METHODS = ("dynaip", "mosaic", "aligngen", "focusdpo-flux")  # methods that train a FLUX adapter (the rest train SDXL adapters)
 REFERENCE_METHODS = ("mosaic", "aligngen")  # FLUX methods that train the reference branch (training/reference.py): no CLIP vision
 SDXL_METHODS = tuple(m for m in METHODS if m not in FLUX_METHODS)
-PREFERENCE_METHODS = ("focusdpo",)  # tune a trained adapter on preference pairs (training/focusdpo.py)
+PREFERENCE_METHODS = ("focusdpo", "focusdpo-flux")  # tune a trained adapter on preference pairs (training/focusdpo.py)
 FLUX_MODEL_KEYS = ("unet", "clip_l", "t5", "vae")  # the separate FLUX files a FLUX method needs
 # DynaIP "Implementation Details": AdamW, cosine schedule from 2e-5, weight decay 1e-4; the defaults of a dynaip run
 DYNAIP_TRAIN_DEFAULTS = {"learning_rate": 2e-5, "lr_schedule": "cosine", "weight_decay": 1e-4}
@@ -642,13 +642,15 @@ def parse_config(data: dict, base_dir: str | os.PathLike) -> Config:
         if train.gradient_checkpointing:
             raise ConfigError(f'train.gradient_checkpointing: not available for method.name "{method.name}" yet; '
                               "set it to false")
-    if method.name == "focusdpo" and not model.dino:
-        raise ConfigError('model.dino: required when method.name is "focusdpo" (its focus map matches DINO patches '
-                          "of each sample with the subject's reference); set it to a folder in models/dino or a path")
-    if method.name == "focusdpo" and not method.init_adapter:
-        raise ConfigError('method.init_adapter: focusdpo tunes a trained adapter; name the MS-Diffusion or R^3 file '
-                          "to start from (a path or a name in models/ipadapter or models/troupe); it is also the "
-                          "frozen reference model of the DPO loss")
+    if method.name in PREFERENCE_METHODS and not model.dino:
+        raise ConfigError(f'model.dino: required when method.name is "{method.name}" (its focus map matches DINO '
+                          "patches of each sample with the subject's reference); set it to a folder in models/dino or "
+                          "a path")
+    if method.name in PREFERENCE_METHODS and not method.init_adapter:
+        kind = "a troupe-flux (DynaIP) file" if method.flux else "an MS-Diffusion or R^3 file"
+        raise ConfigError(f"method.init_adapter: {method.name} tunes a trained adapter; name {kind} to start from "
+                          "(a path or a name in models/ipadapter or models/troupe); it is also the frozen reference "
+                          "model of the DPO loss")
     if method.name == "aligngen" and not (model.clip_vision and model.redux):
         raise ConfigError(f'model.{"redux" if model.clip_vision else "clip_vision"}: required when method.name is '
                           '"aligngen" (its DEM reads FLUX Redux tokens, Eq. 4 of AlignGen); set model.clip_vision to the '

@@ -317,7 +317,6 @@ class FluxMethod:
     def setup_data(self, trainer, c) -> None:
         from pathlib import Path
 
-        from .config import ConfigError
         from .data import Encoders, FluxFeatureStore
 
         cfg = trainer.config
@@ -326,13 +325,7 @@ class FluxMethod:
                                     image_crop=trainer.module.adapter.trained_crop)
         trainer.store = FluxFeatureStore(trainer.records, trainer.encoders, Path(cache), cfg.data.resolution,
                                          layers=CLIP_LAYERS)
-        self.stages = stage_records([r.kind for r in trainer.records])
-        m, steps = cfg.method, cfg.train.steps
-        for kind, needed in (("intra", min(m.stage1_steps, steps) > 0), ("cross", steps > m.stage1_steps)):
-            if needed and not self.stages[kind]:
-                raise ConfigError(f'method.stage1_steps: the run needs "{kind}" records (stage '
-                                  f'{1 if kind == "intra" else 2}) but {cfg.data.manifest} has none; set kind = '
-                                  f'"{kind}" on some records or change method.stage1_steps (now {m.stage1_steps})')
+        self.check_stages(trainer)
         if trainer.main:
             bar = trainer._bar(len(trainer.records), "caching features")
             trainer.store.fill(progress=lambda done, total: bar.update(1) if bar else None)
@@ -341,6 +334,20 @@ class FluxMethod:
         trainer.acc.wait_for_everyone()
         trainer.empty = trainer.store.empty_text()
         trainer.layouts = [trainer.store.layout(i) for i in range(len(trainer.records))]
+
+    def check_stages(self, trainer) -> None:
+        """DynaIP's two stages need intra-pair records (stage 1) and cross-pair records (stage 2) when the run
+        reaches them; refused by name otherwise."""
+        from .config import ConfigError
+
+        cfg = trainer.config
+        self.stages = stage_records([r.kind for r in trainer.records])
+        m, steps = cfg.method, cfg.train.steps
+        for kind, needed in (("intra", min(m.stage1_steps, steps) > 0), ("cross", steps > m.stage1_steps)):
+            if needed and not self.stages[kind]:
+                raise ConfigError(f'method.stage1_steps: the run needs "{kind}" records (stage '
+                                  f'{1 if kind == "intra" else 2}) but {cfg.data.manifest} has none; set kind = '
+                                  f'"{kind}" on some records or change method.stage1_steps (now {m.stage1_steps})')
 
     def record_at(self, trainer, position: int) -> int:
         """The record at a training position: the stage's own seeded permutation over its records (filtered before

@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models.layout.grid import token_grid
+from .flux import CLIP_LAYERS, FluxMethod, TrainingInjection, save_outputs
 from .sdxl import FrozenSdxl, Sample, SdxlMethod, adapter_prediction
 
 METHOD = "focusdpo"
@@ -186,48 +187,47 @@ class PairSample:
 
 
 class FocusDpoModule(nn.Module):
-    """The tuned adapter (trains) and the loss of a batch of pairs; the reference adapter is a frozen copy of the
-    starting adapter, held outside the module tree (no optimiser state, no DDP buckets, not in checkpoints)."""
+    """What trains (``model``: the SDXL adapter, or the FLUX adapter with its fusion) and the loss of a batch of
+    pairs; the reference model is a frozen copy of the starting one, held outside the module tree (no optimiser
+    state, no DDP buckets, not in checkpoints). Subclasses say how a model predicts and where a sample's timestep is."""
 
-    def __init__(self, adapter: nn.Module, *, beta: float, patch: int, gamma: float, kappa: float, focus: bool = True):
+    def __init__(self, model: nn.Module, *, beta: float, patch: int, gamma: float, kappa: float, focus: bool = True):
         super().__init__()
-        self.adapter = adapter
-        self._reference = [copy.deepcopy(adapter).eval().requires_grad_(False)]
+        self.model = model
+        self._reference = [copy.deepcopy(model).eval().requires_grad_(False)]
         self.beta, self.patch, self.gamma, self.kappa, self.focus = beta, patch, gamma, kappa, focus
+
+    aligns = False  # no DINO alignment loss: the SDXL caches skip the DINO CLS features
 
     @property
     def reference(self) -> nn.Module:
         return self._reference[0]
 
-    @property
-    def aligns(self) -> bool:
-        return False  # no DINO alignment loss: the SDXL caches skip the DINO CLS features
-
     def _apply(self, fn, *args, **kwargs):  # .to() / .float() reach the hidden reference too
         self._reference[0]._apply(fn, *args, **kwargs)
         return super()._apply(fn, *args, **kwargs)
 
-    def alpha(self, adapter: nn.Module) -> float:
-        """An R^3 adapter runs at its file's refiner alpha (the R^3 schedule is over: this tunes a trained file)."""
-        refiner = getattr(adapter, "refiner", None)
-        return float(refiner.alpha) if refiner is not None else 0.0
+    def predict(self, model: nn.Module, base, samples: Sequence) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
 
-    def forward(self, base: FrozenSdxl, pairs: Sequence[PairSample], alpha: float = 0.0,
-                align_weight: float = 0.0) -> dict:
+    def timesteps(self, samples: Sequence) -> torch.Tensor:
+        """Each sample's timestep on the 0..1000 scale (1000 = pure noise)."""
+        raise NotImplementedError
+
+    def forward(self, base, pairs: Sequence[PairSample], alpha: float = 0.0, align_weight: float = 0.0) -> dict:
         """Losses of a batch: ``loss`` (focus-weighted Diffusion-DPO), ``margin`` (the implicit preference margin,
         mean over pairs), ``accuracy`` (pairs with margin > 0) and ``diffusion`` (the tuned model's plain denoising
         error, winners and losers). ``alpha`` and ``align_weight`` are the trainer's R^3 schedule: not used."""
         n = len(pairs)
         samples = [p.sample for p in pairs] + [replace(p.sample, latent=p.loser) for p in pairs]
-        pred, target, _ = adapter_prediction(self.adapter, base, samples, self.alpha(self.adapter))
+        pred, target = self.predict(self.model, base, samples)
         with torch.no_grad():
-            ref, _, _ = adapter_prediction(self.reference, base, samples, self.alpha(self.reference))
+            ref, _ = self.predict(self.reference, base, samples)
         e_model = patch_errors(pred, target, self.patch)
         e_ref = patch_errors(ref, target, self.patch)
         if self.focus:
             maps = torch.cat([torch.stack([p.focus[0] for p in pairs]), torch.stack([p.focus[1] for p in pairs])])
-            timesteps = torch.tensor([float(s.timestep) for s in samples])
-            w = focus_weights(maps.to(e_model), timesteps, e_model, e_ref, self.gamma, self.kappa)
+            w = focus_weights(maps.to(e_model), self.timesteps(samples), e_model, e_ref, self.gamma, self.kappa)
         else:  # plain Diffusion-DPO: the mean over the latent
             w = torch.ones_like(e_model)
         m, r = weighted_error(e_model, w), weighted_error(e_ref, w)
@@ -235,6 +235,41 @@ class FocusDpoModule(nn.Module):
         return {"loss": loss.mean(), "diffusion": F.mse_loss(pred.float(), target.float()).detach(),
                 "margin": margin.mean().detach(), "accuracy": (margin > 0).float().mean(),
                 "eval": loss.mean().detach()}  # the trainer's fixed-batch curve: the DPO loss
+
+
+class SdxlDpoModule(FocusDpoModule):
+    """FocusDPO of an SDXL adapter (MS-Diffusion or R^3): ``model`` is the ``SdxlAdapter``."""
+
+    @property
+    def adapter(self) -> nn.Module:
+        return self.model
+
+    @staticmethod
+    def alpha(adapter: nn.Module) -> float:
+        """An R^3 adapter runs at its file's refiner alpha (the R^3 schedule is over: this tunes a trained file)."""
+        refiner = getattr(adapter, "refiner", None)
+        return float(refiner.alpha) if refiner is not None else 0.0
+
+    def predict(self, model, base: FrozenSdxl, samples):
+        pred, target, _ = adapter_prediction(model, base, samples, self.alpha(model))
+        return pred, target
+
+    def timesteps(self, samples):
+        return torch.tensor([float(s.timestep) for s in samples])  # index into the 1000-step table
+
+
+class FluxDpoModule(FocusDpoModule):
+    """FocusDPO of a DynaIP FLUX adapter: ``model`` is the ``FluxTrainModule`` (adapter and HMoE fusion)."""
+
+    @property
+    def adapter(self) -> nn.Module:
+        return self.model.adapter
+
+    def predict(self, model, base, samples):
+        return base.predict(samples, TrainingInjection(model.injections(base, samples)))
+
+    def timesteps(self, samples):
+        return torch.tensor([1000.0 * float(s.sigma) for s in samples])  # rectified flow: t = 1000 sigma
 
 
 # --------------------------------------------------------------------------- the method's side of a Trainer
@@ -273,6 +308,81 @@ def record_focus(prepared, loser_image: torch.Tensor, features: FocusFeatures, l
                         for i in range(2)])
 
 
+def require_pairs(trainer, c) -> None:
+    """Refuse, before any model work, a manifest line without a loser and a run without a starting adapter."""
+    from .config import ConfigError
+
+    missing = [r.line for r in trainer.records if r.loser is None]
+    if missing:
+        raise ConfigError(f"data.manifest: {trainer.config.method.name} trains on preference pairs; line(s) "
+                          f'{missing[:8]} have no "loser" (docs/training-data.md, "Preference pairs")')
+    if c.initial_adapter is None:
+        raise ConfigError(f"method.init_adapter: {trainer.config.method.name} tunes a trained adapter; name the file "
+                          "to start from (it is also the frozen reference model of the DPO loss)")
+
+
+class PairCache:
+    """Each pair's loser latent (the store's own VAE cache) and focus maps (``<cache>/focus-<DINO fingerprint>``),
+    computed once per record before the first step."""
+
+    def __init__(self, trainer, dino, latent_grid: tuple[int, int]):
+        from pathlib import Path
+
+        from .data import DiskCache, module_fingerprint
+
+        cfg = trainer.config
+        m = cfg.method
+        self.trainer, self.grid = trainer, latent_grid
+        self.features = dino_patch_tokens(dino, cfg.data.dino_resolution)
+        root = Path(cfg.data.cache_dir or (Path(cfg.train.output_dir) / "cache"))
+        self.focus_cache = DiskCache(root, "focus", module_fingerprint(dino.model),
+                                     (cfg.data.resolution, cfg.data.dino_resolution, m.focus_patch, m.focus_strength,
+                                      m.focus_floor, latent_grid))
+        self.pairs: list = [None] * len(trainer.records)
+
+    def _loser_latent(self, record) -> torch.Tensor:
+        from .data import prepare
+
+        store, res = self.trainer.store, self.trainer.config.data.resolution
+        loser = replace(record, image=record.loser, loser=None)
+        return store.caches["latent"].get(loser, lambda: store._latent(prepare(loser, res)))["latent"]
+
+    def _focus(self, record) -> torch.Tensor:
+        from .data import prepare
+
+        m, res = self.trainer.config.method, self.trainer.config.data.resolution
+
+        def compute():
+            p = prepare(record, res)
+            loser = prepare(replace(record, image=record.loser, loser=None), res).target
+            return {"focus": record_focus(p, loser, self.features, self.grid, m.focus_strength, m.focus_floor)}
+
+        return self.focus_cache.get(record, compute)["focus"]
+
+    def __call__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.pairs[i] is None:
+            record = self.trainer.records[i]
+            self.pairs[i] = (self._loser_latent(record), self._focus(record))
+        return self.pairs[i]
+
+    def fill(self) -> None:
+        t = self.trainer
+        if t.main:
+            bar = t._bar(len(t.records), "caching losers and focus maps")
+            for i in range(len(t.records)):
+                self(i)
+                if bar:
+                    bar.update(1)
+            if bar:
+                bar.close()
+        t.acc.wait_for_everyone()
+
+
+def dpo_module(cls, model: nn.Module, m) -> FocusDpoModule:
+    return cls(model, beta=m.dpo_beta, patch=m.focus_patch, gamma=m.focus_gamma, kappa=m.confidence_kappa,
+               focus=m.focus_strength > 0)
+
+
 class FocusDpoMethod(SdxlMethod):
     """``Trainer``'s method object for ``focusdpo``: the SDXL set-up of the tuned adapter (``method.init_adapter``,
     required) with its frozen reference copy, the winners' features (the SDXL caches), each loser's VAE latent and
@@ -284,75 +394,21 @@ class FocusDpoMethod(SdxlMethod):
         from .sdxl import enable_gradient_checkpointing
         from .trainer import comfy_attention, frozen_base
 
-        missing = [r.line for r in trainer.records if r.loser is None]
-        if missing:  # refused before any model work
-            from .config import ConfigError
-
-            raise ConfigError(f"data.manifest: focusdpo trains on preference pairs; line(s) {missing[:8]} have no "
-                              '"loser" (docs/training-data.md, "Preference pairs")')
+        require_pairs(trainer, c)
         cfg = trainer.config
-        m = cfg.method
         base = frozen_base(trainer, c)
         device = trainer.acc.device
         if cfg.train.gradient_checkpointing:
             enable_gradient_checkpointing(base.diffusion_model)
         trainer.frozen = FrozenSdxl(base, device, dtype=base.get_dtype(), attention=comfy_attention())
-        if c.initial_adapter is None:
-            from .config import ConfigError
-
-            raise ConfigError('method.init_adapter: focusdpo tunes a trained adapter; name the MS-Diffusion or R^3 '
-                              'file to start from (it is also the frozen reference model of the DPO loss)')
         adapter = copy.deepcopy(c.initial_adapter).float().train().requires_grad_(True)
-        trainer.module = FocusDpoModule(adapter, beta=m.dpo_beta, patch=m.focus_patch, gamma=m.focus_gamma,
-                                        kappa=m.confidence_kappa, focus=m.focus_strength > 0).to(device)
+        trainer.module = dpo_module(SdxlDpoModule, adapter, cfg.method).to(device)
 
     def setup_data(self, trainer, c) -> None:
-        from pathlib import Path
-
-        from .data import DiskCache, module_fingerprint, prepare
-
         super().setup_data(trainer, c)
-        cfg = trainer.config
-        m = cfg.method
-        root = Path(cfg.data.cache_dir or (Path(cfg.train.output_dir) / "cache"))
-        res = cfg.data.resolution
-        latent_cache = trainer.store.caches["latent"]
-        dino = c.dino
-        features = dino_patch_tokens(dino, cfg.data.dino_resolution)
-        focus_cache = DiskCache(root, "focus", module_fingerprint(dino.model),
-                                (res, cfg.data.dino_resolution, m.focus_patch, m.focus_strength, m.focus_floor))
-        grid = token_grid(res // 8, res // 8, m.focus_patch)
-        store = trainer.store
-
-        def loser_latent(record):
-            loser = replace(record, image=record.loser, loser=None)
-            return latent_cache.get(loser, lambda: store._latent(prepare(loser, res)))["latent"]
-
-        def focus(record):
-            def compute():
-                p = prepare(record, res)
-                loser = prepare(replace(record, image=record.loser, loser=None), res).target
-                return {"focus": record_focus(p, loser, features, grid, m.focus_strength, m.focus_floor)}
-            return focus_cache.get(record, compute)["focus"]
-
-        trainer.pairs = [None] * len(trainer.records)
-
-        def pair(i: int):
-            if trainer.pairs[i] is None:
-                record = trainer.records[i]
-                trainer.pairs[i] = (loser_latent(record), focus(record))
-            return trainer.pairs[i]
-
-        self.pair = pair
-        if trainer.main:
-            bar = trainer._bar(len(trainer.records), "caching losers and focus maps")
-            for i in range(len(trainer.records)):
-                pair(i)
-                if bar:
-                    bar.update(1)
-            if bar:
-                bar.close()
-        trainer.acc.wait_for_everyone()
+        res = trainer.config.data.resolution
+        self.pair = PairCache(trainer, c.dino, token_grid(res // 8, res // 8, trainer.config.method.focus_patch))
+        self.pair.fill()
 
     def sample_at(self, trainer, position: int) -> PairSample:
         """The pair at ``position``: the winner's sample (no image or text dropped: DPO compares conditioned
@@ -362,9 +418,8 @@ class FocusDpoMethod(SdxlMethod):
         sample = super().sample_at(trainer, position)
         i = record_index(trainer.config.train.seed, position, len(trainer.records))
         loser, focus = self.pair(i)
-        sample.drop_image = False
         feats = trainer.store.features(i)
-        sample = replace(sample, context=feats["context"], pooled=feats["pooled"])
+        sample = replace(sample, context=feats["context"], pooled=feats["pooled"], drop_image=False)
         return PairSample(sample=sample, loser=loser, focus=focus)
 
     def save_adapter(self, trainer, path) -> None:
@@ -373,3 +428,49 @@ class FocusDpoMethod(SdxlMethod):
 
         path.parent.mkdir(parents=True, exist_ok=True)
         save_sdxl_adapter(str(path), trainer.unwrapped().adapter)
+
+
+class FocusDpoFluxMethod(FluxMethod):
+    """``focusdpo-flux``: FocusDPO of a DynaIP FLUX adapter (``troupe-flux``, with its HMoE fusion when the file
+    has one beside it), on the FLUX caches; every record is drawn from one stream (no DynaIP stages)."""
+
+    name = "focusdpo-flux"
+    log_keys = ("margin", "accuracy")
+
+    def setup_models(self, trainer, c) -> None:
+        require_pairs(trainer, c)
+        super().setup_models(trainer, c)
+        trainer.module = dpo_module(FluxDpoModule, trainer.module, trainer.config.method)
+
+    def check_stages(self, trainer) -> None:
+        pass  # one stream of pairs: DynaIP's intra / cross stages do not apply
+
+    def setup_data(self, trainer, c) -> None:
+        super().setup_data(trainer, c)
+        cfg = trainer.config
+        res = cfg.data.resolution
+        self.pair = PairCache(trainer, c.dino, token_grid(res // 8, res // 8, cfg.method.focus_patch))
+        self.pair.fill()
+
+    def record_at(self, trainer, position: int) -> int:
+        from .trainer import record_index
+
+        return record_index(trainer.config.train.seed, position, len(trainer.records))
+
+    def sample_at(self, trainer, position: int) -> PairSample:
+        sample = super().sample_at(trainer, position)
+        i = self.record_at(trainer, position)
+        loser, focus = self.pair(i)
+        feats = trainer.store.features(i)
+        sample = replace(sample, context=feats["context"], pooled=feats["pooled"], drop_image=False,
+                         expert_drop=torch.zeros_like(sample.expert_drop))  # DPO compares whole predictions
+        return PairSample(sample=sample, loser=loser, focus=focus)
+
+    def save_adapter(self, trainer, path) -> None:
+        save_outputs(trainer.unwrapped().model, path, [int(x) for x in CLIP_LAYERS.split(",")])
+
+
+
+def method_for(name: str):
+    """The method object of ``focusdpo`` (SDXL) or ``focusdpo-flux``."""
+    return FocusDpoFluxMethod() if name == "focusdpo-flux" else FocusDpoMethod()

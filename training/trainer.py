@@ -396,14 +396,14 @@ def method_for(name: str):
         from .aligngen import AlignGenMethod
 
         return AlignGenMethod()
+    if name in ("focusdpo", "focusdpo-flux"):
+        from .focusdpo import method_for as focusdpo_method
+
+        return focusdpo_method(name)
     if name in FLUX_METHODS:
         from .flux import FluxMethod
 
         return FluxMethod()
-    if name == "focusdpo":
-        from .focusdpo import FocusDpoMethod
-
-        return FocusDpoMethod()
     return SdxlMethod()
 
 

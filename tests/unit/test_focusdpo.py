@@ -266,3 +266,43 @@ def test_two_processes_match_one_process(pairs, start_adapter, tmp_path):
     diffs = torch.cat([(runs[1][k] - runs[2][k]).abs().flatten().float() for k in runs[1]])
     assert float(diffs.mean()) < 1e-6, float(diffs.mean())
     assert float(diffs.max()) < 1e-3, float(diffs.max())
+
+
+# --------------------------------------------------------------------------- FLUX (DynaIP adapter)
+
+
+def test_focusdpo_flux_starts_at_log_2_and_raises_the_margin(pairs, tmp_path):
+    """``focusdpo-flux`` on the tiny FLUX.1-dev DiT: a DynaIP adapter and its HMoE fusion (new, seeded) are the
+    starting and reference model; the loss is log 2 at step 0 and the fixed batch's DPO loss falls in 20 steps; the
+    files load as the starting ones did (TroupeLoadAdapter's and TroupeLoadFusion's loaders)."""
+    from fixtures.tiny_models import tiny_hf_dinov2_folder
+    from fixtures.training_flux import dynaip_config, flux_components
+
+    from comfyui_troupe.models.adapter_file import detect_and_load, read_state_dict
+    from comfyui_troupe.models.encoding.dino import load_hf_dino
+    from comfyui_troupe.models.encoding.hmoe import hmoe_from_state_dict
+    from comfyui_troupe.nodes.adapter import families
+    from comfyui_troupe.nodes.encoding import vision_blocks
+    from comfyui_troupe.training.flux import FluxTrainModule, fusion_path_for, new_modules, save_outputs
+
+    comps = flux_components()
+    tiny_hf_dinov2_folder(tmp_path / "dino")
+    comps.dino = load_hf_dino(str(tmp_path / "dino"))
+    config = dynaip_config(tmp_path, pairs, 20, method={"name": "focusdpo-flux", "dpo_beta": 2000.0,
+                                                        "init_adapter": str(tmp_path / "start.safetensors")},
+                           model={"dino": str(tmp_path / "dino")}, train={"learning_rate": 3e-3, "checkpoint_every": 20},
+                           data={"cache_dir": str(pairs.parent.parent / "cache-flux")})
+    width = int(vision_blocks(comps.clip_vision)[0].layer_norm1.weight.shape[0])
+    adapter, fusion = new_modules(comps.base_model.diffusion_model, width, config.adapter, seed=5)
+    save_outputs(FluxTrainModule(adapter, fusion), tmp_path / "start.safetensors")
+    comps.initial_adapter = detect_and_load(read_state_dict(str(tmp_path / "start.safetensors")), families()).module
+    comps.initial_fusion = hmoe_from_state_dict(read_state_dict(str(fusion_path_for(tmp_path / "start.safetensors"))))
+
+    trainer = Trainer(config, comps, show_bar=False)
+    assert trainer.evaluate() == pytest.approx(LOG2, abs=1e-7)
+    result = trainer.run()
+    evals = [r["eval_diffusion"] for r in result.log if "eval_diffusion" in r]
+    assert evals[-1] < LOG2 - 0.005, evals
+    tuned = detect_and_load(read_state_dict(str(result.adapter_path)), families())
+    assert tuned.format == "troupe-flux"
+    hmoe_from_state_dict(read_state_dict(str(fusion_path_for(result.adapter_path))))

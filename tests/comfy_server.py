@@ -28,7 +28,7 @@ HOST = Path(os.environ.get("TROUPE_HOST") or ROOT / ".host")
 COMFY_DIR = HOST / "ComfyUI"
 TEST_NODES_DIR = ROOT / "tests" / "custom_nodes"
 MODEL_FOLDERS = ("checkpoints", "clip_vision", "vae", "unet", "diffusion_models", "text_encoders",
-                 "troupe", "dino", "loras", "openclip")
+                 "troupe", "dino", "loras", "openclip", "embeddings")
 
 
 def free_port() -> int:

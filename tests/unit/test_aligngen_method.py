@@ -15,57 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from fixtures.tiny_models import ensure_comfy, init_weights
-from fixtures.training import SIZE, pasted_dataset
-from fixtures.training_flux import flux_components, tiny_training_flux
+from fixtures.tiny_models import ensure_comfy
+from fixtures.training_aligngen import PARENTS, STEPS, aligngen_components, aligngen_config, aligngen_dataset
+from fixtures.training_flux import tiny_training_flux
 from safetensors.torch import load_file
 
 from comfyui_troupe.training.config import ConfigError, parse_config
 from comfyui_troupe.training.trainer import EVAL_STREAM, Trainer
-
-STEPS = 60
-PARENTS = {"dog": ("animal", "pet"), "cat": ("animal", "pet"), "teapot": ("pot", "kitchenware"),
-           "clock": ("timepiece", "object"), "backpack": ("bag", "luggage"), "lantern": ("lamp", "light"),
-           "flower": ("plant", "plant life"), "barn": ("building", "farm building")}
-
-
-def aligngen_dataset(folder: Path, msbench: Path) -> Path:
-    """``pasted_dataset`` (16 records, two pasted subjects each) with every subject's parent class and category."""
-    manifest = pasted_dataset(folder, msbench)
-    lines = [json.loads(x) for x in manifest.read_text().splitlines() if x.strip()]
-    for rec in lines:
-        for s in rec["subjects"]:
-            s["parent_class"], s["category"] = PARENTS[s["label"]]
-    manifest.write_text("\n".join(json.dumps(r) for r in lines) + "\n")
-    return manifest
-
-
-def aligngen_config(tmp: Path, manifest: Path, steps: int = STEPS, **sections):
-    """aligngen for the tiny models: resolution 64, fp32, AdamW lr 1e-2, the DEM 4 heads wide 2x."""
-    data = {
-        "model": {"unet": "tiny", "clip_l": "tiny", "t5": "tiny", "vae": "tiny", "clip_vision": "tiny",
-                  "redux": "tiny"},
-        "method": {"name": "aligngen", "dem_heads": 4, "dem_mlp_ratio": 2.0},
-        "data": {"manifest": str(manifest), "resolution": SIZE, "cache_dir": str(manifest.parent.parent / "cache")},
-        "train": {"output_dir": str(tmp / "run"), "steps": steps, "batch_size": 2, "learning_rate": 1e-2,
-                  "precision": "fp32", "checkpoint_every": steps // 2, "sample_every": 0, "seed": 0},
-        "dropout": {"text": 0.0, "image": 0.0, "both": 0.0},
-    }
-    for section, values in sections.items():
-        data.setdefault(section, {}).update(values)
-    return parse_config(data, tmp)
-
-
-def components():
-    """The tiny FLUX components plus a FLUX Redux style model (ComfyUI's ReduxImageEncoder) from the tiny CLIP
-    vision's 64-wide tokens to the tiny T5's width 64."""
-    ensure_comfy()
-    import comfy.ldm.flux.redux
-    import comfy.sd
-
-    c = flux_components()
-    c.style_model = comfy.sd.StyleModel(init_weights(comfy.ldm.flux.redux.ReduxImageEncoder(64, 64), seed=9))
-    return c
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +32,7 @@ def dataset(module_tmp, msbench) -> Path:
 @pytest.fixture(scope="module")
 def run(dataset, module_tmp):
     config = aligngen_config(module_tmp / "run60", dataset)
-    c = components()
+    c = aligngen_components()
     frozen_text = {k: v.detach().clone() for k, v in c.clip.cond_stage_model.state_dict().items()}
     trainer = Trainer(config, c, show_bar=False)
     initial = {k: v.detach().clone() for k, v in trainer.unwrapped().state_dict().items()}
@@ -240,7 +196,7 @@ def test_resume_at_the_checkpoint_reproduces_the_uninterrupted_run(run, dataset,
     (work / "run").mkdir(parents=True)
     shutil.copytree(Path(config.train.output_dir) / "checkpoint-0000030", work / "run" / "checkpoint-0000030")
     resumed_cfg = aligngen_config(work, dataset, train={"resume": "latest"})
-    resumed = Trainer(resumed_cfg, components(), show_bar=False)
+    resumed = Trainer(resumed_cfg, aligngen_components(), show_bar=False)
     resumed.run()
     a, b = trainer.unwrapped().state_dict(), resumed.unwrapped().state_dict()
     for k in a:

@@ -6,6 +6,7 @@ import json
 from comfy_api.latest import ComfyExtension, io, ui
 
 from . import cache
+from .aligngen_nodes import TroupeTestTinyAlignGen
 from .clip_nodes import TroupeTestTinySDXLCLIP
 from .describe import describe
 from .redux_nodes import TroupeTestTinyRedux
@@ -168,7 +169,7 @@ class TroupeTestInspect(io.ComfyNode):
 NODES: list[type[io.ComfyNode]] = [
     TroupeTestTinySDXL, TroupeTestTinyFLUX, TroupeTestTinyCLIPVision, TroupeTestTinyDINOv2, TroupeTestTinyVAE,
     TroupeTestConditioning, TroupeTestInspect, TroupeTestTinySDXLCLIP, TroupeTestTinyRedux, TroupeTestTensor,
-    TroupeTestHeld,
+    TroupeTestHeld, TroupeTestTinyAlignGen,
 ]
 
 

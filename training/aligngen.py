@@ -340,8 +340,10 @@ class AlignGenMethod(ReferenceMethod):
                                      module_fingerprint(getattr(self.clip_vision, "model", None),
                                                         self.style_model.model),
                                      (cfg.data.resolution, REFERENCE_FILL))
-        for i in range(len(trainer.records)):
-            self.redux(trainer, i)
+        if trainer.main:  # one process fills the cache (as the reference features); the others read it
+            for i in range(len(trainer.records)):
+                self.redux(trainer, i)
+        trainer.acc.wait_for_everyone()
         size = cfg.data.resolution
         with torch.inference_mode():
             self.black_latent = trainer.encoders.vae.encode(torch.zeros(1, size, size, 3))[0].float().clone()

@@ -347,6 +347,7 @@ def self_cached_kv(branch: ReferenceBranch, stream: Stream, attention: Attention
     for i, block in enumerate(dit.double_blocks):
         m, q, k, v = double_reference_qkv(block, x, stream, f"double_blocks.{i}")
         k_rot = apply_rope(k, stream.pe)
+        v = v.contiguous()  # a view of the whole fused qkv output: kept as is, the cache would hold 2x its size
         kv[("double", i)] = (k_rot, v)
         x = double_reference_out(block, x, m, own(apply_rope(q, stream.pe), k_rot, v), stream, f"double_blocks.{i}")
         if done is not None:
@@ -354,6 +355,7 @@ def self_cached_kv(branch: ReferenceBranch, stream: Stream, attention: Attention
     for i, block in enumerate(dit.single_blocks):
         m, q, k, v, mlp = single_reference_in(block, x, stream, f"single_blocks.{i}")
         k_rot = apply_rope(k, stream.pe)
+        v = v.contiguous()  # a view of linear1's qkv + MLP output: kept as is, the cache would hold 4x its size
         kv[("single", i)] = (k_rot, v)
         x = single_reference_out(block, x, m, own(apply_rope(q, stream.pe), k_rot, v), mlp, stream,
                                  f"single_blocks.{i}")

@@ -369,3 +369,25 @@ def test_family_table_medians_ratios_and_peers_not_run():
     # rate = 22 GFLOP / 2.2 CPU s = 10 GFLOP/s, so 1 GFLOP is 0.1 s; 0.05 s measured inside the term -> 0.50
     assert cells[9] == "0.50"
     assert "| peer: X | not run: no --peer-x checkout given |" in table and "- patch: 4 q k w" in table
+
+
+def test_self_cached_reference_cache_holds_only_each_blocks_k_and_v():
+    """The per-run cache ``make bench`` reports for the reference branch: every block's rotated K and V of the
+    references and nothing more, blocks x 2 x R x D values (V used to be a view that kept the whole fused qkv /
+    linear1 output alive: 2x the size in double blocks, 4x in single blocks)."""
+    from fixtures.tiny_models import tiny_flux
+
+    from comfyui_troupe.models.reference.branch import ReferenceBranch, ReferenceOptions, sdpa_attention
+    from comfyui_troupe.models.reference.hooks import prepare_stream
+
+    dit = tiny_flux().model.diffusion_model
+    g = torch.Generator().manual_seed(0)
+    lats = [torch.randn(16, 8, 8, generator=g) for _ in range(3)]  # 3 references of 4 x 4 = 16 tokens
+    branch = ReferenceBranch(dit=dit, latents=lats, ref_subject=[0, 1, 2],
+                             options=ReferenceOptions(attention="self_cached"), lora=None)
+    with torch.inference_mode():
+        stream = prepare_stream(branch, torch.zeros(1, 16, 8, 8), None, sdpa_attention, run={})
+    blocks = len(dit.double_blocks) + len(dit.single_blocks)
+    assert len(stream.kv) == blocks
+    assert bc.tensor_bytes(stream.kv) == blocks * 2 * (3 * 16) * dit.hidden_size * 4  # fp32
+

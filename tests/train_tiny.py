@@ -18,7 +18,12 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     config_path, work = Path(sys.argv[1]), Path(sys.argv[2])
     config = parse_config(json.loads(config_path.read_text()), work)
-    components = tiny_components(work)
+    if config.method.flux:  # dynaip, mosaic, aligngen, focusdpo-flux: the tiny FLUX.1-dev
+        from fixtures.training_flux import flux_components
+
+        components = flux_components()
+    else:
+        components = tiny_components(work)
     if config.method.init_adapter:  # as troupe_train.py loads it
         from comfyui_troupe.models.adapter_file import detect_and_load, read_state_dict
         from comfyui_troupe.nodes.adapter import families

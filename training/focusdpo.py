@@ -366,16 +366,12 @@ class PairCache:
         return self.pairs[i]
 
     def fill(self) -> None:
-        t = self.trainer
-        if t.main:
-            bar = t._bar(len(t.records), "caching losers and focus maps")
-            for i in range(len(t.records)):
+        def run(step: Callable[[], None]) -> None:
+            for i in range(len(self.pairs)):
                 self(i)
-                if bar:
-                    bar.update(1)
-            if bar:
-                bar.close()
-        t.acc.wait_for_everyone()
+                step()
+
+        self.trainer.precompute("caching losers and focus maps", run)
 
 
 def dpo_module(cls, model: nn.Module, m) -> FocusDpoModule:

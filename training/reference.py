@@ -495,6 +495,7 @@ class ReferenceMethod:
     modules), ``save_extra`` (its other files beside the LoRA), ``draw`` (extra per-sample draws)."""
 
     name = METHOD
+    log_keys = ("correspondence", "disentangle")  # the two attention terms, unweighted, in log.csv
 
     def module_for(self, trainer, c, lora: TrainableReferenceLoRA) -> ReferenceTrainModule:
         m = trainer.config.method
@@ -526,12 +527,7 @@ class ReferenceMethod:
         trainer.encoders = Encoders(vae=c.vae, clip=c.clip, clip_vision=None, dino=None)
         trainer.store = ReferenceFeatureStore(trainer.records, trainer.encoders, Path(cache), cfg.data.resolution,
                                               cfg.data.resolution)
-        if trainer.main:
-            bar = trainer._bar(len(trainer.records), "caching features")
-            trainer.store.fill(progress=lambda done, total: bar.update(1) if bar else None)
-            if bar:
-                bar.close()
-        trainer.acc.wait_for_everyone()
+        trainer.precompute("caching features", lambda step: trainer.store.fill(progress=lambda *_: step()))
         trainer.empty = trainer.store.empty_text()
 
     def sample_at(self, trainer, position: int) -> ReferenceSample:

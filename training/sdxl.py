@@ -579,12 +579,7 @@ class SdxlMethod:
         trainer.store = FeatureStore(trainer.records, trainer.encoders, Path(cache), cfg.data.resolution,
                                      cfg.data.dino_resolution,
                                      image_features=lambda f: adapter.image_features(f.for_crop(adapter.trained_crop)))
-        if trainer.main:
-            bar = trainer._bar(len(trainer.records), "caching features")
-            trainer.store.fill(progress=lambda done, total: bar.update(1) if bar else None)
-            if bar:
-                bar.close()
-        trainer.acc.wait_for_everyone()
+        trainer.precompute("caching features", lambda step: trainer.store.fill(progress=lambda *_: step()))
         trainer.empty = trainer.store.empty_text()
         trainer.layouts = [trainer.store.layout(i) for i in range(len(trainer.records))]
 

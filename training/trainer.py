@@ -41,7 +41,7 @@ LOG = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.json"
 CHECKPOINT_PREFIX = "checkpoint-"
 LOG_FIELDS = ("step", "loss", "diffusion", "align", "cos_cross", "cos_self", "alpha", "align_weight", "lr",
-              "step_seconds", "eval_diffusion", "margin", "accuracy")
+              "step_seconds", "eval_diffusion", "margin", "accuracy", "correspondence", "disentangle")
 EVAL_SAMPLES = 8  # the fixed evaluation batch: the same records, noise and timesteps at every checkpoint
 EVAL_STREAM = 1 << 40  # its positions lie far beyond any training position, so its draws are its own
 
@@ -368,6 +368,16 @@ class Trainer:
             path = self.out / "samples" / f"step-{self.step:07d}.png"
             sample_grid(self, path)
             self.last_samples = path
+        self.acc.wait_for_everyone()
+
+    def precompute(self, what: str, fill: Callable[[Callable[[], None]], None]) -> None:
+        """A cache fill before the first step: ``fill(step)`` runs on the main process, calling ``step()`` after each
+        record (a progress bar over the records); the other processes wait for it, then read the cache."""
+        if self.main:
+            bar = self._bar(len(self.records), what)
+            fill(lambda: bar.update(1) if bar else None)
+            if bar:
+                bar.close()
         self.acc.wait_for_everyone()
 
     def _bar(self, total: int, what: str, initial: int = 0):

@@ -11,6 +11,7 @@ Peers run from checkouts OUTSIDE this repository, given on the command line; a p
 - ``--peer-ipadapter-plus PATH``: cubiq/ComfyUI_IPAdapter_plus (SDXL);
 - ``--peer-instantx PATH``: the InstantX FLUX IP-Adapter port for ComfyUI (Shakker-Labs/ComfyUI-IPAdapter-Flux);
 - ``--peer-xflux PATH``: XLabs-AI/x-flux-comfyui (its IP-Adapter with its own sampler);
+- ``--peer-site DIR``: an import folder for the peers' own dependencies (the InstantX port imports diffusers);
 - ComfyUI's own ``ReferenceLatent`` (FLUX Kontext multi-reference) is part of the host, always run.
 
 Run: ``make bench [QUICK=1] [PEERS="--peer-instantx ..."]`` or
@@ -42,20 +43,25 @@ def family_command(name: str, args) -> list[str]:
     on stderr, or on stdout as ``[bench]`` lines)."""
     py, scripts = sys.executable, ROOT / "scripts"
     quick = ["--quick"] if args.quick else []
+    threads = ["--threads", str(args.threads)]
     if name == "sdxl":
         peer = ["--peer", str(args.peer_ipadapter_plus)] if args.peer_ipadapter_plus else []
-        return [py, str(scripts / "bench_sdxl.py"), "--family", *quick, *peer]
+        return [py, str(scripts / "bench_sdxl.py"), "--family", *quick, *threads, *peer]
     if name == "flux":
         peers = []
         if args.peer_instantx:
             peers += ["--peer-instantx", str(args.peer_instantx)]
         if args.peer_xflux:
             peers += ["--peer-xflux", str(args.peer_xflux)]
-        return [py, str(scripts / "bench_flux.py"), "--family", *quick, *peers]
+        if args.peer_site:
+            peers += ["--peer-site", str(args.peer_site)]
+        return [py, str(scripts / "bench_flux.py"), "--family", *quick, *threads, *peers]
     if name == "reference":
-        return [py, str(scripts / "bench_reference.py"), "--family", *quick, *([] if args.quick else ["--count"])]
+        return [py, str(scripts / "bench_reference.py"), "--family", *quick, *threads,
+                *([] if args.quick else ["--count"])]
     if name == "encoders":
-        return [py, str(scripts / "bench_encoding.py"), *(["--skip-full", "--repeats", "2"] if args.quick else [])]
+        return [py, str(scripts / "bench_encoding.py"), *threads,
+                *(["--skip-full", "--repeats", "2"] if args.quick else [])]
     if name == "train":
         rounds = ["--rounds", "1", "--configs", "off,on"] if args.quick else ["--rounds", "2", "--configs", "off,on",
                                                                             "--gradient-checkpointing",
@@ -68,11 +74,17 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="reduced sizes, 2 rounds: a few minutes")
     ap.add_argument("--families", default=",".join(FAMILIES), help=f"comma-separated subset of {','.join(FAMILIES)}")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads per benchmark (default 1: on shared cores, CPU time then counts work only, not "
+                         "threads spinning while they wait for a descheduled sibling)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench-results", help="results folder (gitignored)")
     ap.add_argument("--peer-ipadapter-plus", type=Path, default=None, help="checkout of cubiq/ComfyUI_IPAdapter_plus")
     ap.add_argument("--peer-instantx", type=Path, default=None,
                     help="checkout of the InstantX FLUX IP-Adapter port (Shakker-Labs/ComfyUI-IPAdapter-Flux)")
     ap.add_argument("--peer-xflux", type=Path, default=None, help="checkout of XLabs-AI/x-flux-comfyui")
+    ap.add_argument("--peer-site", type=Path, default=None,
+                    help="extra import folder for the peers' own dependencies (the InstantX port imports diffusers: "
+                         "pip install --target DIR diffusers==0.31.0)")
     args = ap.parse_args(argv)
     names = [n.strip() for n in args.families.split(",") if n.strip()]
     unknown = [n for n in names if n not in FAMILIES]

@@ -15,9 +15,10 @@ read the ratios.
 Usage: ``.host/venv/bin/python scripts/bench_reference.py [--sizes 512 1024] [--refs 1 2 3 4]``
 
 ``--family [--quick]`` (what ``make bench`` runs): one table of the standard benchmark columns for 4 references
-of 512 px (1024 tokens each) on a 512-px image: base, ``self_cached`` (steady step apart from its first-step
-setup), ``joint`` (not in quick mode) and ComfyUI's own ``ReferenceLatent`` (FLUX Kontext multi-reference) with
-the same references, interleaved in rounds of sampling runs.
+of 512 px (1024 tokens each; quick: 256 px, 256 tokens) on a 512-px image: base, ``self_cached`` (steady step
+apart from its first-step setup), ``joint`` (not in quick mode) and ComfyUI's own ``ReferenceLatent`` (FLUX Kontext
+multi-reference) with the same references, interleaved in rounds of sampling runs. ``--profile``: torch.profiler
+on a base step and a steady ``self_cached`` step, the added CPU time per operator.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 from bench_common import (
     Config,
     PeakRSS,
+    attention_flops,
     count_added,
     family_table,
     interleave,
@@ -111,6 +113,31 @@ def patched_model(base, refs: int, rank: int, attention: str, ref_px: int = 512)
     return install_branch(base, branch, comfy.ldm.flux.math.attention)
 
 
+def attention_rates(heads: int, head_dim: int, queries: int, extra_keys: int, repeats: int = 3) -> tuple[float, ...]:
+    """CPU seconds of ComfyUI's FLUX attention (``comfy.ldm.flux.math.attention``: the host's backend, RoPE included)
+    for ``queries`` rows over the base's own keys and over them plus ``extra_keys`` cached keys (median of
+    ``repeats``, interleaved), and the backend's name: the rate the added work of ``self_cached`` actually runs at."""
+    import comfy.ldm.flux.math as flux_math
+    import comfy.ldm.modules.attention as comfy_attention
+    import torch
+    from comfy.ldm.flux.layers import EmbedND
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, heads, queries, head_dim, generator=g) for _ in range(3))
+    rk, rv = (torch.randn(1, heads, extra_keys, head_dim, generator=g) for _ in range(2))
+    pe = EmbedND(dim=head_dim, theta=10000, axes_dim=[16, 56, 56])(torch.zeros(1, queries, 3))
+    own, joint = [], []
+    with torch.inference_mode():
+        for _ in range(repeats):
+            t = time.process_time()
+            flux_math.attention(q, k, v, pe=pe)
+            own.append(time.process_time() - t)
+            t = time.process_time()
+            flux_math.attention(q, torch.cat((k, rk), 2), torch.cat((v, rv), 2), pe=None)
+            joint.append(time.process_time() - t)
+    return statistics.median(own), statistics.median(joint), comfy_attention.optimized_attention.__name__
+
+
 def family(args) -> str:
     """The ``make bench`` table: base, self_cached, joint (full mode) and ReferenceLatent, interleaved."""
     import torch
@@ -178,8 +205,73 @@ def family(args) -> str:
                f"{args.threads} threads on a shared {os.cpu_count()}-core CPU (no GPU was lent); {size}x{size} image "
                f"({n_img} tokens), {args.text} text tokens, {refs} references of {ref_px} px ({per_ref} tokens each), rank-"
                f"{args.rank} MOSAIC-layout LoRA, euler, cfg 1 (one model call per step).")
+    cached = next((c for c in configs if "self_cached" in c.name), None)
+    if cached is None:
+        return family_table("Reference branch (FLUX) against ComfyUI's ReferenceLatent", setting, configs, base_flops,
+                            args.rounds, args.steps)
+    own_s, joint_s, backend = attention_rates(24, width // 24, rows, ref_tokens)
+    own_rate = attention_flops(rows, rows, width) / own_s
+    added_attention = joint_s - own_s
+    steady_added = statistics.median([s - b for s, b in zip(cached.steady, configs[0].steady)])
+    step_rate = base_flops / statistics.median(configs[0].steady)
+    note = (f"\nWhere the self_cached time goes: its added work is attention only, and ComfyUI's attention backend "
+            f"on this host (`{backend}`) ran one block's base attention ({rows} queries and keys) at "
+            f"{own_rate / 1e9:.1f} GFLOP per CPU second, against {step_rate / 1e9:.1f} for the base step as a whole "
+            f"(its linear layers). Timed alone, one block's attention over the {ref_tokens} extra cached keys adds "
+            f"{added_attention:.2f} CPU s ({blocks} blocks: {blocks * added_attention:.2f} s, against "
+            f"{steady_added:.2f} s measured in the step); at the backend's own rate the FLOP estimate is "
+            f"{cached.flops / own_rate:.2f} s, so measured / estimate = {steady_added / (cached.flops / own_rate):.2f}."
+            " `python scripts/bench_reference.py --profile` shows the step per operator (torch.profiler).\n")
     return family_table("Reference branch (FLUX) against ComfyUI's ReferenceLatent", setting, configs, base_flops,
-                        args.rounds, args.steps)
+                        args.rounds, args.steps) + note
+
+
+def profile(args) -> str:
+    """torch.profiler on a base step and on a steady self_cached step (the second of a run): where the added time
+    goes, per operator (self CPU time), and the attention kernel's own FLOP rate against the base step's."""
+    import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    torch.set_num_threads(args.threads)
+    base, tm = build(args.double, args.single)
+    pos, neg = tm.flux_conditioning(0, tokens=args.text), tm.flux_conditioning(1, tokens=args.text)
+    latent = torch.zeros(1, 16, 64, 64)
+    model = patched_model(base, 4, args.rank, "self_cached", args.ref_size or 512)
+
+    def steady_step(m, steps: int):
+        prof = torch_profile(activities=[ProfilerActivity.CPU])
+        marks = []
+
+        def tick():
+            marks.append(time.process_time())
+            if len(marks) == steps - 1:
+                prof.start()
+            elif len(marks) == steps:
+                prof.stop()
+
+        if steps == 1:
+            prof.start()
+        sampler_run(m, pos, neg, latent, steps, tick)
+        return prof, marks[-1] - (marks[-2] if len(marks) > 1 else marks[-1])
+
+    sampler_run(base, pos, neg, latent, 1, lambda: None)  # warm-up
+    out = []
+    totals = {}
+    for name, m, steps in (("base", base, 1), ("self_cached", model, 2)):
+        prof, _ = steady_step(m, steps)
+        events = prof.key_averages()
+        totals[name] = {e.key: e.self_cpu_time_total / 1e6 for e in events}
+        out.append(f"#### {name}: top operators by self CPU time (one steady step)\n\n```\n"
+                   f"{events.table(sort_by='self_cpu_time_total', row_limit=12)}\n```\n")
+    ops = sorted(set(totals["base"]) | set(totals["self_cached"]),
+                 key=lambda k: totals["self_cached"].get(k, 0) - totals["base"].get(k, 0), reverse=True)
+    lines = ["#### Added self CPU time per operator (self_cached steady step minus base step)", "",
+             "| operator | base CPU s | self_cached CPU s | added |", "| --- | --- | --- | --- |"]
+    for k in ops[:10]:
+        b, c = totals["base"].get(k, 0.0), totals["self_cached"].get(k, 0.0)
+        lines.append(f"| {k} | {b:.3f} | {c:.3f} | {c - b:+.3f} |")
+    return "\n".join(out) + "\n" + "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -195,6 +287,7 @@ def main() -> None:
                     help="sampler steps per measured run (time is per step; default 1, with --family 3, quick 2)")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("BENCH_THREADS", "2")))
     ap.add_argument("--family", action="store_true", help="the make-bench table (4 references, peers, setup apart)")
+    ap.add_argument("--profile", action="store_true", help="torch.profiler: base step vs steady self_cached step")
     ap.add_argument("--quick", action="store_true", help="with --family: no joint row, 2 rounds of 2-step runs")
     ap.add_argument("--rounds", type=int, default=None, help="with --family: interleaved rounds (default 3; quick 2)")
     ap.add_argument("--modes", default=None, help="with --family: reference_attention rows (self_cached,joint; "
@@ -202,6 +295,9 @@ def main() -> None:
     ap.add_argument("--ref-size", type=int, default=None, help="with --family: reference side in px (512; quick 256)")
     ap.add_argument("--count", action="store_true", help="with --family: also count each row's FLOPs with torch")
     args = ap.parse_args()
+    if args.profile:
+        print(profile(args))
+        return
     if args.family:
         args.rounds = args.rounds or (2 if args.quick else 3)
         args.steps = args.steps or (2 if args.quick else 3)

@@ -16,7 +16,7 @@ Prints a markdown table (the README's ``### Measured``).
 ComfyUI's sampler (cfg 1): base, TroupeApplySDXL's patch with an R^3 file (4 subjects x 4 levels x 16 tokens,
 joint, every layer) and cubiq's IPAdapter_plus chained once per masked subject with 4 tokens (IP-Adapter) and 16
 tokens (IP-Adapter Plus, the pack's count per level). ``--quick``: the UNet with transformer depth 1 in every
-block (11 attention layers, full widths); otherwise the full-size UNet (about 14 GB of memory).
+block (11 attention layers, full widths) at 256 px; otherwise the full-size UNet at 512 px (about 14 GB of memory).
 """
 from __future__ import annotations
 
@@ -280,9 +280,12 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=None, help="with --family: steps per run (default 3; quick 2)")
     ap.add_argument("--count", action="store_true", help="with --family: also count each row's FLOPs with torch")
     args = ap.parse_args()
-    if args.threads:
+    if args.threads and not args.family:
         torch.set_num_threads(args.threads)
     if args.family:
+        given = set(sys.argv[1:])
+        args.size = args.size if "--size" in given or not args.quick else 256
+        torch.set_num_threads(args.threads or 2)
         args.rounds = args.rounds or (2 if args.quick else 3)
         args.steps = args.steps or (2 if args.quick else 3)
         print(family(args))

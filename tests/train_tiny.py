@@ -18,7 +18,11 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     config_path, work = Path(sys.argv[1]), Path(sys.argv[2])
     config = parse_config(json.loads(config_path.read_text()), work)
-    if config.method.flux:  # dynaip, mosaic, aligngen, focusdpo-flux: the tiny FLUX.1-dev
+    if config.method.name == "aligngen":  # the tiny FLUX.1-dev with a tiny Redux
+        from fixtures.training_aligngen import aligngen_components
+
+        components = aligngen_components()
+    elif config.method.flux:  # dynaip, mosaic, focusdpo-flux: the tiny FLUX.1-dev
         from fixtures.training_flux import flux_components
 
         components = flux_components()

@@ -1,11 +1,12 @@
 """The FLUX methods on 2 CPU processes (torchrun, DDP over gloo) against 1 process with the same global batch, as
-``tests/unit/test_training_run.py`` checks the SDXL methods: DynaIP's adapter and fusion, and MOSAIC's reference
-LoRA."""
+``tests/unit/test_training_run.py`` checks the SDXL methods: DynaIP's adapter and fusion, MOSAIC's reference LoRA,
+and AlignGen's LoRA, DEM and S*."""
 from __future__ import annotations
 
 import pytest
 import torch
 from fixtures.training import launch
+from fixtures.training_aligngen import aligngen_config, aligngen_dataset
 from fixtures.training_flux import dynaip_config, staged_dataset
 from fixtures.training_mosaic import mosaic_config, mosaic_dataset
 
@@ -19,7 +20,7 @@ def same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None
     assert float(diffs.max()) < 1e-3, float(diffs.max())
 
 
-@pytest.mark.parametrize("method", ["dynaip", "mosaic"])
+@pytest.mark.parametrize("method", ["dynaip", "mosaic", "aligngen"])
 def test_two_processes_match_one_process(method, tmp_path, msbench):
     if method == "dynaip":
         data = staged_dataset(tmp_path / "data" / "data", msbench)
@@ -27,6 +28,12 @@ def test_two_processes_match_one_process(method, tmp_path, msbench):
         def config(out, batch):
             return dynaip_config(tmp_path, data, 4, train={"batch_size": batch, "output_dir": str(out),
                                                            "checkpoint_every": 4}, method={"stage1_steps": 2})
+    elif method == "aligngen":
+        data = aligngen_dataset(tmp_path / "data" / "data", msbench)
+
+        def config(out, batch):
+            return aligngen_config(tmp_path, data, 4, train={"batch_size": batch, "output_dir": str(out),
+                                                             "checkpoint_every": 4})
     else:
         data = mosaic_dataset(tmp_path / "data" / "data", msbench)
 

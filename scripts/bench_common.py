@@ -332,3 +332,41 @@ def tensor_bytes(obj) -> int:
         elif isinstance(o, (list, tuple)):
             stack.extend(o)
     return total
+
+
+def profile_added(base_run, run, steps: int = 2, rows: int = 10) -> str:
+    """torch.profiler (CPU) on one base step and on the last step of a ``steps``-step run of ``run`` (a steady step
+    when ``steps`` > 1): the top operators of each by self CPU time, and the added self CPU time per operator."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def last_step(fn, n: int):
+        prof = profile(activities=[ProfilerActivity.CPU])
+        ticks = []
+
+        def tick() -> None:
+            ticks.append(1)
+            if len(ticks) == n - 1:
+                prof.start()
+            elif len(ticks) == n:
+                prof.stop()
+
+        if n == 1:
+            prof.start()
+        fn(n, tick)
+        return prof.key_averages()
+
+    base_run(1, lambda: None)  # warm-up
+    totals, out = {}, []
+    for name, fn, n in (("base", base_run, 1), ("patched", run, steps)):
+        events = last_step(fn, n)
+        totals[name] = {e.key: e.self_cpu_time_total / 1e6 for e in events}
+        out.append(f"{name}: top operators by self CPU time (one step)\n\n```\n"
+                   f"{events.table(sort_by='self_cpu_time_total', row_limit=rows)}\n```\n")
+    ops = sorted(set(totals["base"]) | set(totals["patched"]),
+                 key=lambda k: totals["patched"].get(k, 0) - totals["base"].get(k, 0), reverse=True)
+    lines = ["Added self CPU time per operator (patched step minus base step):", "",
+             "| operator | base CPU s | patched CPU s | added |", "| --- | --- | --- | --- |"]
+    for k in ops[:rows]:
+        b, c = totals["base"].get(k, 0.0), totals["patched"].get(k, 0.0)
+        lines.append(f"| {k} | {b:.3f} | {c:.3f} | {c - b:+.3f} |")
+    return "\n".join(out) + "\n" + "\n".join(lines) + "\n"

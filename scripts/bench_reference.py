@@ -38,6 +38,7 @@ from bench_common import (
     count_added,
     family_table,
     interleave,
+    profile_added,
     reference_latent_flops,
     reference_self_cached_flops,
     run_flops,
@@ -228,50 +229,16 @@ def family(args) -> str:
 
 def profile(args) -> str:
     """torch.profiler on a base step and on a steady self_cached step (the second of a run): where the added time
-    goes, per operator (self CPU time), and the attention kernel's own FLOP rate against the base step's."""
+    goes, per operator (self CPU time)."""
     import torch
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
 
     torch.set_num_threads(args.threads)
     base, tm = build(args.double, args.single)
     pos, neg = tm.flux_conditioning(0, tokens=args.text), tm.flux_conditioning(1, tokens=args.text)
     latent = torch.zeros(1, 16, 64, 64)
     model = patched_model(base, 4, args.rank, "self_cached", args.ref_size or 512)
-
-    def steady_step(m, steps: int):
-        prof = torch_profile(activities=[ProfilerActivity.CPU])
-        marks = []
-
-        def tick():
-            marks.append(time.process_time())
-            if len(marks) == steps - 1:
-                prof.start()
-            elif len(marks) == steps:
-                prof.stop()
-
-        if steps == 1:
-            prof.start()
-        sampler_run(m, pos, neg, latent, steps, tick)
-        return prof, marks[-1] - (marks[-2] if len(marks) > 1 else marks[-1])
-
-    sampler_run(base, pos, neg, latent, 1, lambda: None)  # warm-up
-    out = []
-    totals = {}
-    for name, m, steps in (("base", base, 1), ("self_cached", model, 2)):
-        prof, _ = steady_step(m, steps)
-        events = prof.key_averages()
-        totals[name] = {e.key: e.self_cpu_time_total / 1e6 for e in events}
-        out.append(f"#### {name}: top operators by self CPU time (one steady step)\n\n```\n"
-                   f"{events.table(sort_by='self_cpu_time_total', row_limit=12)}\n```\n")
-    ops = sorted(set(totals["base"]) | set(totals["self_cached"]),
-                 key=lambda k: totals["self_cached"].get(k, 0) - totals["base"].get(k, 0), reverse=True)
-    lines = ["#### Added self CPU time per operator (self_cached steady step minus base step)", "",
-             "| operator | base CPU s | self_cached CPU s | added |", "| --- | --- | --- | --- |"]
-    for k in ops[:10]:
-        b, c = totals["base"].get(k, 0.0), totals["self_cached"].get(k, 0.0)
-        lines.append(f"| {k} | {b:.3f} | {c:.3f} | {c - b:+.3f} |")
-    return "\n".join(out) + "\n" + "\n".join(lines) + "\n"
+    return profile_added(lambda steps, tick: sampler_run(base, pos, neg, latent, steps, tick),
+                         lambda steps, tick: sampler_run(model, pos, neg, latent, steps, tick), steps=2)
 
 
 def main() -> None:

@@ -44,6 +44,7 @@ from bench_common import (
     family_table,
     interleave,
     kv_projection_flops,
+    profile_added,
     run_flops,
     sampler_run,
     tensor_bytes,
@@ -249,9 +250,11 @@ def family(args) -> str:
                 formula=f"{len(patched)} layers (its middle-block key is never looked up) x {n} subjects: K/V of "
                         f"{tokens} cond and {tokens} uncond tokens every call (2 x 2 x 2 x {tokens} x 2048 x width) + "
                         f"4 x pixels x {tokens} x width"))
-    base_flops = run_flops(configs[0].run, 1)[0]  # also the warm-up
+    base_flops = 0.0 if args.profile else run_flops(configs[0].run, 1)[0]  # also the warm-up
     if args.count:
         count_added(configs, base_flops)
+    if args.profile:
+        return profile_added(configs[0].run, configs[1].run, steps=2)
     interleave([c for c in configs if isinstance(c, Config)], args.rounds, args.steps,
                log=lambda msg: print(msg, file=sys.stderr, flush=True))
     params = sum(p.numel() for p in base.model.diffusion_model.parameters()) / 1e9
@@ -279,6 +282,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=None, help="with --family: interleaved rounds (default 3; quick 2)")
     ap.add_argument("--steps", type=int, default=None, help="with --family: steps per run (default 3; quick 2)")
     ap.add_argument("--count", action="store_true", help="with --family: also count each row's FLOPs with torch")
+    ap.add_argument("--profile", action="store_true",
+                    help="with --family: torch.profiler on a base step and a steady Troupe step, added time per operator")
     args = ap.parse_args()
     if args.threads and not args.family:
         torch.set_num_threads(args.threads)

@@ -31,6 +31,7 @@ from torch import nn
 
 from ..models.reference.branch import SAME_INDEX, ReferenceOptions, prepare_reference_image
 from ..models.reference.dem import DeviationExtractionModule, align_tokens
+from .flux import OutOfPlace
 from .reference import REFERENCE_FILL, LossSettings, ReferenceMethod, ReferenceSample, ReferenceTrainModule
 
 METHOD = "aligngen"
@@ -175,15 +176,6 @@ class T5Encoder:
         finally:
             for h in hooks:
                 h.remove()
-
-
-class OutOfPlace(torch.Tensor):
-    """A tensor whose ``+=`` makes a new tensor. ComfyUI's T5 adds its residuals in place (``x += ...``), which
-    autograd refuses once a gradient has to pass through T5 to S*; T5's encoder gets its input as this type while
-    S* trains (every op's result keeps the type), so the same arithmetic runs out of place."""
-
-    def __iadd__(self, other):
-        return torch.add(self, other)
 
 
 class SlotTokenizer:

@@ -91,6 +91,37 @@ class FluxSample:
     expert_drop: torch.Tensor  # [N, 3] bool
 
 
+class OutOfPlace(torch.Tensor):
+    """A tensor whose ``+=`` makes a new tensor. ComfyUI's FLUX blocks and T5 add their residuals in place
+    (``x += ...``), which autograd refuses once a tensor saved for the backward pass is overwritten; given inputs of
+    this type (every op's result keeps the type), the same arithmetic runs out of place, with the same numbers."""
+
+    def __iadd__(self, other):
+        return torch.add(self, other)
+
+
+STREAMS = ("img", "txt")  # a block's token streams in a patches_replace["dit"] call (a single block's is "img")
+
+
+def frozen_closure(fn: Callable) -> Callable:
+    """A copy of ``fn`` whose free variables hold the values they have now (a closure made in a loop otherwise
+    sees the loop's later values when called afterwards)."""
+    import types
+
+    if not isinstance(fn, types.FunctionType) or not fn.__closure__:
+        return fn
+    cells = tuple(types.CellType(c.cell_contents) for c in fn.__closure__)
+    return types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, cells)
+
+
+def _plain(value):
+    if isinstance(value, torch.Tensor):
+        return value.as_subclass(torch.Tensor)
+    if isinstance(value, tuple):
+        return tuple(_plain(v) for v in value)
+    return value
+
+
 class TrainingInjection:
     """The ``patches_replace["dit"]`` function of one training forward: each sample its own ``FluxInjection``.
 
@@ -104,8 +135,8 @@ class TrainingInjection:
         self.runs: list[dict] = [{} for _ in patches]
         self.patch_size = patch_size
 
-    def __call__(self, args: dict, extra: dict) -> dict:
-        original = guarded(extra["original_block"], args)
+    def __call__(self, args: dict, extra: dict, guard: bool = True) -> dict:
+        original = guarded(extra["original_block"], args) if guard else extra["original_block"]
         to = args.get("transformer_options") or {}
         active = [(b, p) for b, p in enumerate(self.patches) if p is not None]
         if not active:
@@ -137,13 +168,53 @@ class TrainingInjection:
                              max(off + n for off, n, *_ in spans))
         return original(dict(args, transformer_options=dict(to, optimized_attention_override=hook)))
 
-    def replaces(self, double: int, single: int) -> dict:
-        """``patches_replace["dit"]``: this object for every block, told which block it is."""
+    def prepare(self, double: int, single: int, head_dim: int, device, dtypes) -> None:
+        """Every sample's K/V for every block, before the DiT runs: gradient checkpointing recomputes each block in
+        the backward pass, and work cached on the first call would be skipped in the recomputation (a different
+        graph), so what the run caches is built outside the blocks."""
+        for patch, run in zip(self.patches, self.runs):
+            if patch is None:
+                continue
+            for dtype in dtypes:
+                for kind, count in (("double", double), ("single", single)):
+                    for index in range(count):
+                        patch.kv(run, kind, index, device, dtype, head_dim)
+
+    def replaces(self, double: int, single: int, checkpointed: bool = False) -> dict:
+        """``patches_replace["dit"]``: this object for every block, told which block it is; ``checkpointed``: each
+        block recomputed in the backward pass (``checkpointed``)."""
+        run = self.checkpointed if checkpointed else self
         out = {}
         for kind, count in (("double_block", double), ("single_block", single)):
             for i in range(count):
-                out[(kind, i)] = (lambda a, e, _k=(kind, i): self(a, dict(e, troupe_block=_k)))
+                out[(kind, i)] = (lambda a, e, _k=(kind, i): run(a, dict(e, troupe_block=_k)))
         return out
+
+    def checkpointed(self, args: dict, extra: dict) -> dict:
+        """One block with its image term under gradient checkpointing: its activations are recomputed in the
+        backward pass instead of kept.
+
+        The whole call is the checkpointed region, so the recomputation builds the block's ``AttentionHook`` anew
+        (it acts once per call). ComfyUI's blocks add to their streams in place; inside the region the streams are
+        ``OutOfPlace`` tensors, so the region's inputs, which the recomputation reads again, are never overwritten
+        (and no saved tensor needs ``guarded``'s copies). The numbers are those of the plain call.
+        """
+        from torch.utils.checkpoint import checkpoint
+
+        if not torch.is_grad_enabled():
+            return self(args, extra)
+        # the DiT updates one transformer_options dict as it goes, and ComfyUI's block_wrap reads the loop's
+        # ``block`` variable when it is called: the recomputation, after the loop moved on, gets this block's
+        # values and this block
+        args = dict(args, transformer_options=dict(args.get("transformer_options") or {}))
+        extra = dict(extra, original_block=frozen_closure(extra["original_block"]))
+
+        def region(a: dict, e: dict) -> dict:
+            a = {k: v.as_subclass(OutOfPlace) if k in STREAMS and isinstance(v, torch.Tensor) else v
+                 for k, v in a.items()}
+            return {k: _plain(v) for k, v in self(a, e, guard=False).items()}
+
+        return checkpoint(region, args, extra, use_reentrant=False)
 
 
 def guarded(block: Callable, args: dict) -> Callable:
@@ -215,8 +286,10 @@ class FluxTrainModule(nn.Module):
 class FrozenFlux:
     """The frozen FLUX DiT of a ComfyUI ``BaseModel`` and the flow-matching prediction and target of a batch."""
 
-    def __init__(self, base_model, device, dtype: torch.dtype = torch.float32, attention: Callable = sdpa_attention):
+    def __init__(self, base_model, device, dtype: torch.dtype = torch.float32, attention: Callable = sdpa_attention,
+                 gradient_checkpointing: bool = False):
         self.base_model = base_model
+        self.gradient_checkpointing = gradient_checkpointing
         self.dit = base_model.diffusion_model
         self.device = torch.device(device)
         self.dtype = dtype
@@ -226,6 +299,7 @@ class FrozenFlux:
         self.double_blocks = len(self.dit.double_blocks)
         self.single_blocks = len(self.dit.single_blocks)
         self.guidance = bool(getattr(self.dit.params, "guidance_embed", False))
+        self.head_dim = int(self.dit.params.hidden_size // self.dit.params.num_heads)
 
     def predict(self, samples: Sequence[FluxSample], injection: TrainingInjection) -> tuple[torch.Tensor, torch.Tensor]:
         from .sdxl import lcm_context
@@ -240,7 +314,12 @@ class FrozenFlux:
         context = lcm_context([s.context.float() for s in samples]).to(dev)
         y = torch.stack([s.pooled.float() for s in samples]).to(dev)
         guidance = torch.full((len(samples),), GUIDANCE, device=dev) if self.guidance else None
-        options = {"patches_replace": {"dit": injection.replaces(self.double_blocks, self.single_blocks)},
+        dtypes = {dt}
+        if torch.is_autocast_enabled(dev.type):  # the attention then runs in the autocast dtype
+            dtypes.add(torch.get_autocast_dtype(dev.type))
+        injection.prepare(self.double_blocks, self.single_blocks, self.head_dim, dev, dtypes)
+        replaces = injection.replaces(self.double_blocks, self.single_blocks, self.gradient_checkpointing)
+        options = {"patches_replace": {"dit": replaces},
                    "patches": {}, GEOMETRY_KEY: (int(x0.shape[-2]), int(x0.shape[-1]), int(context.shape[1]))}
         if guidance is not None:
             guidance = guidance.to(dt)
@@ -305,7 +384,8 @@ class FluxMethod:
         cfg = trainer.config
         base = frozen_base(trainer, c)
         device = trainer.acc.device
-        trainer.frozen = FrozenFlux(base, device, dtype=base.get_dtype(), attention=comfy_attention())
+        trainer.frozen = FrozenFlux(base, device, dtype=base.get_dtype(), attention=comfy_attention(),
+                                    gradient_checkpointing=cfg.train.gradient_checkpointing)
         width = int(vision_blocks(c.clip_vision)[0].layer_norm1.weight.shape[0])
         adapter, fusion = new_modules(base.diffusion_model, width, cfg.adapter, cfg.train.seed)
         if c.initial_adapter is not None:

@@ -294,7 +294,11 @@ class ReferenceInjection:
     def __init__(self, patch: ReferencePatch | None, stream, probe: AttentionProbe | None):
         self.patch, self.stream, self.probe = patch, stream, probe
 
-    def replaces(self, double: int, single: int) -> dict:
+    def prepare(self, double: int, single: int, head_dim: int, device, dtypes) -> None:
+        """Nothing to build before the DiT runs: the stream is made fresh for this forward."""
+
+    def replaces(self, double: int, single: int, checkpointed: bool = False) -> dict:
+        # ``checkpointed`` is never set: the config refuses gradient checkpointing for the reference methods
         out = {}
         for kind, count in (("double_block", double), ("single_block", single)):
             for i in range(count):

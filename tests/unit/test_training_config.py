@@ -377,13 +377,22 @@ def test_dynaip_needs_the_flux_files(base, tmp_path, key):
     ("method", "expert_dropout", 1.0, "method.expert_dropout: expected a number in [0, 1)"),
     ("method", "stage1_steps", -1, "method.stage1_steps: expected a non-negative integer, got -1"),
     ("adapter", "fusion_width", -1, "adapter.fusion_width: expected a non-negative integer, got -1"),
-    ("train", "gradient_checkpointing", True, "train.gradient_checkpointing: not available for method.name"),
 ])
 def test_dynaip_bad_values_name_the_key(base, tmp_path, section, key, value, expected):
     data = _dynaip(base)
     data[section] = dict(data.get(section, {}), **{key: value})
     message = _error(data, tmp_path)
     assert message.startswith(expected), message
+
+
+def test_gradient_checkpointing_is_refused_for_the_reference_branch_methods(base, tmp_path):
+    data = _dynaip(base)
+    data["method"] = {"name": "mosaic"}
+    data["train"] = dict(data.get("train", {}), gradient_checkpointing=True)
+    message = _error(data, tmp_path)
+    assert message.startswith('train.gradient_checkpointing: not available for method.name "mosaic" yet'), message
+    data["method"] = {"name": "dynaip"}  # DynaIP's blocks are checkpointed (training/flux.py)
+    assert parse_config(data, tmp_path).train.gradient_checkpointing
 
 
 def test_dynaip_refuses_sample_cases(base, tmp_path):

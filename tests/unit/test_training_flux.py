@@ -316,3 +316,34 @@ def test_resume_at_the_checkpoint_reproduces_the_uninterrupted_run(dynaip_run, d
         assert a.keys() == b.keys()
         for k in a:
             assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), (name, k)
+
+
+def test_gradient_checkpointing_recomputes_every_block_and_changes_no_weight(dataset, tmp_path, monkeypatch):
+    """4 DynaIP steps with every block recomputed in the backward pass give the weights of the plain run. ComfyUI's
+    blocks add to their streams in place; inside the checkpointed region they get ``OutOfPlace`` streams, so the
+    recomputation reads the block's true inputs (a recomputation from overwritten inputs moves the weights by up to
+    lr x steps = 4e-2). Each block's call runs twice per training forward with checkpointing (the forward and its
+    recomputation), once without; the model itself is never patched."""
+    from comfyui_troupe.training.flux import TrainingInjection
+
+    calls = {"n": 0}
+    inner = TrainingInjection.__call__
+
+    def counted(self, *a, **k):
+        calls["n"] += torch.is_grad_enabled()
+        return inner(self, *a, **k)
+
+    monkeypatch.setattr(TrainingInjection, "__call__", counted)
+    runs, counts = {}, {}
+    for gc in (False, True):
+        comps = flux_components()
+        config = config_for(tmp_path / f"gc{gc}", dataset, steps=4,
+                            train={"gradient_checkpointing": gc, "checkpoint_every": 4}, method={"stage1_steps": 4})
+        calls["n"] = 0
+        runs[gc] = load_file(str(train(config, comps, show_bar=False).adapter_path))
+        counts[gc] = calls["n"]
+        assert all("forward" not in m.__dict__ for m in comps.base_model.diffusion_model.modules())
+    blocks = 4  # the tiny DiT: 2 double + 2 single
+    assert counts[False] == 4 * blocks and counts[True] == 2 * 4 * blocks, counts  # 4 steps of batch 2, one forward
+    for k in runs[False]:
+        assert torch.allclose(runs[False][k], runs[True][k], atol=1e-6, rtol=0), k

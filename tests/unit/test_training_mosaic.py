@@ -206,7 +206,10 @@ class _InferenceInjection:
     def __init__(self, patch, stream, run):
         self.patch, self.stream, self.run = patch, stream, run
 
-    def replaces(self, double, single):
+    def prepare(self, double, single, head_dim, device, dtypes):
+        pass  # the stream was prepared with the run dict, as the node does
+
+    def replaces(self, double, single, checkpointed=False):
         out = {}
         for kind, count in (("double_block", double), ("single_block", single)):
             for i in range(count):

@@ -66,15 +66,16 @@ QUICK_SDXL_UNET = dict(FULL_SDXL_UNET, transformer_depth=[0, 0, 1, 1, 1, 1], tra
 
 def attention_layers(config: dict, latent: int) -> list[tuple[int, int]]:
     """(pixel tokens, width) of every cross-attention layer of an SDXL-style UNet config at a ``latent`` side:
-    level l has width model_channels x channel_mult[l] at (latent / 2^l)^2 tokens; input blocks 2l, 2l + 1 and
-    output blocks 3 (L - 1 - l) .. + 2 belong to level l, the middle block to the last level."""
+    level l has width model_channels x channel_mult[l] at (latent / 2^l)^2 tokens; ``transformer_depth`` entries
+    2l, 2l + 1 and ``transformer_depth_output`` entries 3l .. 3l + 2 belong to level l (ComfyUI's UNet pops the
+    output depths from the end: output block 0, the deepest, takes the last entry), the middle block to the last."""
     mults, ch = config["channel_mult"], config["model_channels"]
     depth_in, depth_out, levels = config["transformer_depth"], config["transformer_depth_output"], len(mults)
     out = []
     for level in range(levels):
         tokens, width = (latent // 2 ** level) ** 2, ch * mults[level]
         count = sum(depth_in[2 * level:2 * level + 2])
-        count += sum(depth_out[3 * (levels - 1 - level):3 * (levels - 1 - level) + 3])
+        count += sum(depth_out[3 * level:3 * level + 3])
         if level == levels - 1:
             count += config["transformer_depth_middle"]
         out += [(tokens, width)] * count

@@ -391,3 +391,17 @@ def test_self_cached_reference_cache_holds_only_each_blocks_k_and_v():
     assert len(stream.kv) == blocks
     assert bc.tensor_bytes(stream.kv) == blocks * 2 * (3 * 16) * dit.hidden_size * 4  # fp32
 
+
+
+def test_sdxl_attention_layers_by_hand():
+    """SDXL at a 64 x 64 latent (512 px): level 1 (32 x 32 tokens, width 640) has 2 + 2 input and 3 x 2 output
+    transformer blocks, level 2 (16 x 16, width 1280) 10 + 10 input, 10 middle and 3 x 10 output: 10 + 60 = 70."""
+    import bench_sdxl
+
+    layers = bench_sdxl.attention_layers(bench_sdxl.FULL_SDXL_UNET, 64)
+    assert sorted(layers) == sorted([(1024, 640)] * 10 + [(256, 1280)] * 60)
+    quick = bench_sdxl.attention_layers(bench_sdxl.QUICK_SDXL_UNET, 32)  # depth 1 everywhere: 2 + 3, 2 + 1 + 3
+    assert sorted(quick) == sorted([(256, 640)] * 5 + [(64, 1280)] * 6)
+    # the regional term: 4 x (pixel, subject) pairs x tokens x width, summed over layers
+    assert bench_sdxl.regional_flops([(256, 1280), (1024, 640)], lambda p: p // 4, 64) == \
+        4 * 64 * 64 * 1280 + 4 * 256 * 64 * 640

@@ -61,6 +61,23 @@ def module_tmp(tmp_path_factory, request) -> Path:
     shutil.rmtree(path, ignore_errors=True)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _model_folders_forget_removed_tmp(tmp_path_factory):
+    """ComfyUI's model-folder registry and its file-list cache are global: when a module ends, folders it registered
+    under pytest's temporary root that are gone now (``module_tmp``, a passed test's ``tmp_path``) are dropped and
+    the cache is cleared, so no later module lists a folder that no longer exists."""
+    yield
+    fp = sys.modules.get("folder_paths")
+    if fp is None:
+        return
+    base = str(tmp_path_factory.getbasetemp())
+    for name, (paths, exts) in list(fp.folder_names_and_paths.items()):
+        kept = [p for p in paths if not (str(p).startswith(base) and not os.path.exists(p))]
+        if len(kept) != len(paths):
+            fp.folder_names_and_paths[name] = (kept, exts)
+    fp.filename_list_cache.clear()
+
+
 @pytest.fixture(scope="session")
 def artifacts() -> Path:
     ARTIFACTS.mkdir(exist_ok=True)

@@ -132,9 +132,11 @@ def counted_flops(fn) -> float:
 
 
 class Inside:
-    """Process CPU seconds spent inside wrapped calls since the last ``reset`` (the added term of a patch)."""
+    """Seconds spent inside wrapped calls since the last ``reset`` (the added term of a patch): process CPU time by
+    default, or another ``clock`` (``time.perf_counter``: wall time)."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock=time.process_time) -> None:
+        self.clock = clock
         self.seconds = 0.0
         self.calls = 0
 
@@ -143,11 +145,11 @@ class Inside:
 
     def wrap(self, fn):
         def timed(*args, **kwargs):
-            t = time.process_time()
+            t = self.clock()
             try:
                 return fn(*args, **kwargs)
             finally:
-                self.seconds += time.process_time() - t
+                self.seconds += self.clock() - t
                 self.calls += 1
         return timed
 

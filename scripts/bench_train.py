@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # the ComfyUI-in-process helpers live w
 
 import conftest  # noqa: F401  (registers the pack as comfyui_troupe; sets 1 torch thread)
 import torch
-from bench_common import PeakRSS, rss
+from bench_common import Inside, PeakRSS, rss
 from bench_sdxl import FULL_SDXL_UNET
 
 DINO_WIDTH = 1024  # DINOv3 ViT-L/16
@@ -94,29 +94,8 @@ def cached_sample(size: int, subjects: int, image_width: int):
 # --------------------------------------------------------------------------- timing inside the step
 
 
-class Stopwatch:
-    """Seconds spent inside wrapped callables since the last ``reset`` (the alignment terms of one step)."""
-
-    def __init__(self):
-        self.seconds = 0.0
-        self.calls = 0
-
-    def reset(self) -> None:
-        self.seconds, self.calls = 0.0, 0
-
-    def wrap(self, fn):
-        def timed(*args, **kwargs):
-            t = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.seconds += time.perf_counter() - t
-                self.calls += 1
-        return timed
-
-
 @contextlib.contextmanager
-def timed_method(owner, name: str, watch: Stopwatch):
+def timed_method(owner, name: str, watch: Inside):
     """Wrap ``owner.name`` (a class's method or an instance's) with ``watch`` while the block runs."""
     original = owner.__dict__.get(name) if isinstance(owner, type) else None
     setattr(owner, name, watch.wrap(getattr(owner, name)))
@@ -211,7 +190,7 @@ def main() -> int:
           f"{align_widths}; gradient checkpointing {'on (' + str(wrapped) + ' blocks)' if wrapped else 'off'}; "
           f"torch threads {torch.get_num_threads()}", flush=True)
 
-    watch = Stopwatch()  # the alignment terms: the self-attention capture hook, projections + cosines
+    watch = Inside(clock=time.perf_counter)  # the alignment terms (wall time): capture hook, projections, cosines
     hooks = contextlib.ExitStack()
     hooks.enter_context(timed_method(AlignmentCapture, "attn1_output", watch))
     hooks.enter_context(timed_method(module_on, "alignment", watch))

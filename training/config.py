@@ -639,9 +639,6 @@ def parse_config(data: dict, base_dir: str | os.PathLike) -> Config:
         defaults = {"mosaic": MOSAIC_TRAIN_DEFAULTS, "aligngen": ALIGNGEN_TRAIN_DEFAULTS}.get(method.name,
                                                                                           DYNAIP_TRAIN_DEFAULTS)
         train = dataclasses.replace(train, **{k: v for k, v in defaults.items() if k not in given})
-        if train.gradient_checkpointing and method.name in REFERENCE_METHODS:
-            raise ConfigError(f'train.gradient_checkpointing: not available for method.name "{method.name}" yet '
-                              "(the reference branch runs its own block code); set it to false")
     if method.name in PREFERENCE_METHODS and not model.dino:
         raise ConfigError(f'model.dino: required when method.name is "{method.name}" (its focus map matches DINO '
                           "patches of each sample with the subject's reference); set it to a folder in models/dino or "

@@ -114,11 +114,12 @@ def frozen_closure(fn: Callable) -> Callable:
     return types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, cells)
 
 
-def _plain(value):
+def plain(value):
+    """``value`` (a tensor or a tuple of them) as plain ``torch.Tensor``, without ``OutOfPlace``."""
     if isinstance(value, torch.Tensor):
         return value.as_subclass(torch.Tensor)
     if isinstance(value, tuple):
-        return tuple(_plain(v) for v in value)
+        return tuple(plain(v) for v in value)
     return value
 
 
@@ -212,7 +213,7 @@ class TrainingInjection:
         def region(a: dict, e: dict) -> dict:
             a = {k: v.as_subclass(OutOfPlace) if k in STREAMS and isinstance(v, torch.Tensor) else v
                  for k, v in a.items()}
-            return {k: _plain(v) for k, v in self(a, e, guard=False).items()}
+            return {k: plain(v) for k, v in self(a, e, guard=False).items()}
 
         return checkpoint(region, args, extra, use_reentrant=False)
 
@@ -379,12 +380,12 @@ class FluxMethod:
         import copy
 
         from ..nodes.encoding import vision_blocks
-        from .trainer import comfy_attention, frozen_base
+        from .trainer import comfy_attention, compute_dtype, frozen_base
 
         cfg = trainer.config
         base = frozen_base(trainer, c)
         device = trainer.acc.device
-        trainer.frozen = FrozenFlux(base, device, dtype=base.get_dtype(), attention=comfy_attention(),
+        trainer.frozen = FrozenFlux(base, device, dtype=compute_dtype(base), attention=comfy_attention(),
                                     gradient_checkpointing=cfg.train.gradient_checkpointing)
         width = int(vision_blocks(c.clip_vision)[0].layer_norm1.weight.shape[0])
         adapter, fusion = new_modules(base.diffusion_model, width, cfg.adapter, cfg.train.seed)

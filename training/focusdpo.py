@@ -388,7 +388,7 @@ class FocusDpoMethod(SdxlMethod):
 
     def setup_models(self, trainer, c) -> None:
         from .sdxl import enable_gradient_checkpointing
-        from .trainer import comfy_attention, frozen_base
+        from .trainer import comfy_attention, compute_dtype, frozen_base
 
         require_pairs(trainer, c)
         cfg = trainer.config
@@ -396,7 +396,7 @@ class FocusDpoMethod(SdxlMethod):
         device = trainer.acc.device
         if cfg.train.gradient_checkpointing:
             enable_gradient_checkpointing(base.diffusion_model)
-        trainer.frozen = FrozenSdxl(base, device, dtype=base.get_dtype(), attention=comfy_attention())
+        trainer.frozen = FrozenSdxl(base, device, dtype=compute_dtype(base), attention=comfy_attention())
         adapter = copy.deepcopy(c.initial_adapter).float().train().requires_grad_(True)
         trainer.module = dpo_module(SdxlDpoModule, adapter, cfg.method).to(device)
 

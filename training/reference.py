@@ -54,7 +54,7 @@ from ..models.reference.branch import (
 )
 from ..models.reference.hooks import ReferencePatch, training_stream
 from ..models.reference.lora import FluxDims, LoRAPart, ReferenceLoRA, mosaic_targets
-from .flux import FrozenFlux, guarded
+from .flux import STREAMS, FrozenFlux, OutOfPlace, frozen_closure, guarded, plain
 
 METHOD = "mosaic"
 REFERENCE_FILL = 0.9  # prepare_reference_image's default: the subject fills 90% of the white square (MOSAIC)
@@ -293,16 +293,20 @@ class ReferenceInjection:
 
     def __init__(self, patch: ReferencePatch | None, stream, probe: AttentionProbe | None):
         self.patch, self.stream, self.probe = patch, stream, probe
+        self.checkpointed = False
 
     def prepare(self, double: int, single: int, head_dim: int, device, dtypes) -> None:
         """Nothing to build before the DiT runs: the stream is made fresh for this forward."""
 
     def replaces(self, double: int, single: int, checkpointed: bool = False) -> dict:
-        # ``checkpointed`` is never set: the config refuses gradient checkpointing for the reference methods
+        """``patches_replace["dit"]``: ``block`` for every block; ``checkpointed``: each recomputed in the backward
+        pass (``checkpointed_block``)."""
+        self.checkpointed = checkpointed
+        run = self.checkpointed_block if checkpointed else self.block
         out = {}
         for kind, count in (("double_block", double), ("single_block", single)):
             for i in range(count):
-                out[(kind, i)] = (lambda a, e, _k=(kind, i): self.block(_k, a, e))
+                out[(kind, i)] = (lambda a, e, _k=(kind, i): run(_k, a, e))
         return out
 
     def block(self, key: tuple[str, int], args: dict, extra: dict) -> dict:
@@ -313,6 +317,43 @@ class ReferenceInjection:
         to = dict(args.get("transformer_options") or {})
         to[STATE_KEY] = {id(self.patch): self.stream}
         return self.patch.dit_block(key, dict(args, transformer_options=to), extra, {})
+
+    def checkpointed_block(self, key: tuple[str, int], args: dict, extra: dict) -> dict:
+        """One block over ``[txt | img | refs]`` under gradient checkpointing: its activations, the reference
+        stream's included, are recomputed in the backward pass instead of kept.
+
+        The region is a function of the block's streams and the reference hidden states it reads (``stream.x``,
+        which the block replaces with its output): the recomputation sets ``stream.x`` back to the block's input,
+        so it computes what the forward did. The probe's terms of the block (MOSAIC's losses) are made inside the
+        region, so their backward recomputes it too; ``probe.enter`` is inside, so the recomputation reads the same
+        rows. The reference block code adds out of place, so the inputs the recomputation reads are never
+        overwritten, and the numbers are those of ``block``. Without references (CFG dropout) it is the dynaip
+        trainer's checkpointed base block.
+        """
+        from torch.utils.checkpoint import checkpoint
+
+        if not torch.is_grad_enabled():
+            return self.block(key, args, extra)
+        # the DiT updates one transformer_options dict as it goes, and ComfyUI's block_wrap reads the loop's
+        # ``block`` variable when it is called: the recomputation gets this block's options and this block
+        args = dict(args, transformer_options=dict(args.get("transformer_options") or {}))
+        extra = dict(extra, original_block=frozen_closure(extra["original_block"]))
+        if self.patch is None:
+            def base(a: dict, e: dict) -> dict:
+                a = {k: v.as_subclass(OutOfPlace) if k in STREAMS and isinstance(v, torch.Tensor) else v
+                     for k, v in a.items()}
+                return {k: plain(v) for k, v in e["original_block"](a).items()}
+
+            return checkpoint(base, args, extra, use_reentrant=False)
+        stream = self.stream
+
+        def region(a: dict, e: dict, ref_x: torch.Tensor):
+            stream.x = ref_x
+            out = self.block(key, a, e)
+            return out, stream.x
+
+        out, stream.x = checkpoint(region, args, extra, stream.x, use_reentrant=False)
+        return out
 
 
 @dataclass(frozen=True)
@@ -509,7 +550,7 @@ class ReferenceMethod:
 
     def setup_models(self, trainer, c) -> None:
         from .config import ConfigError
-        from .trainer import comfy_attention, frozen_base
+        from .trainer import comfy_attention, compute_dtype, frozen_base
 
         cfg = trainer.config
         if cfg.method.init_adapter:
@@ -517,7 +558,8 @@ class ReferenceMethod:
                               "reference LoRA starts at the base weights); remove it")
         base = frozen_base(trainer, c)
         device = trainer.acc.device
-        trainer.frozen = FrozenFlux(base, device, dtype=base.get_dtype(), attention=comfy_attention())
+        trainer.frozen = FrozenFlux(base, device, dtype=compute_dtype(base), attention=comfy_attention(),
+                                    gradient_checkpointing=trainer.config.train.gradient_checkpointing)
         dit = base.diffusion_model
         layer_names(cfg.method.attention_layers, len(dit.double_blocks), len(dit.single_blocks))  # checked now
         lora = TrainableReferenceLoRA(FluxDims.from_model(dit), cfg.method.lora_rank, seed=cfg.train.seed)

@@ -543,14 +543,14 @@ class SdxlMethod:
     checkpoints, resume and logs stay the trainer's."""
 
     def setup_models(self, trainer, c) -> None:
-        from .trainer import comfy_attention, frozen_base, probe_dino_width
+        from .trainer import comfy_attention, compute_dtype, frozen_base, probe_dino_width
 
         cfg = trainer.config
         base = frozen_base(trainer, c)
         device = trainer.acc.device
         if cfg.train.gradient_checkpointing:
             enable_gradient_checkpointing(base.diffusion_model)
-        trainer.frozen = FrozenSdxl(base, device, dtype=base.get_dtype(), attention=comfy_attention())
+        trainer.frozen = FrozenSdxl(base, device, dtype=compute_dtype(base), attention=comfy_attention())
         initial = c.initial_adapter
         adapter = adapter_for_method(cfg.method.name, initial, base.diffusion_model, cfg.adapter, cfg.train.seed)
         adapter.to(device)

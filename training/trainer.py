@@ -474,6 +474,13 @@ def frozen_base(trainer, components: Components):
     return base
 
 
+def compute_dtype(base_model) -> torch.dtype:
+    """The dtype a ComfyUI ``BaseModel`` computes in, as its ``_apply_model`` casts the inputs: ``manual_cast_dtype``
+    when its weights are stored in a dtype the device does not compute in (bf16 / fp8 weights cast per layer),
+    else the weights' dtype."""
+    return getattr(base_model, "manual_cast_dtype", None) or base_model.get_dtype()
+
+
 def own_copy(model: torch.nn.Module) -> torch.nn.Module:
     """A copy of a ComfyUI ``BaseModel`` that shares no module, parameter or buffer with it: every child module is
     deep-copied (normal tensors, outside inference mode), the rest of the object is shallow-copied. ComfyUI >= 0.33

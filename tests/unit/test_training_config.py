@@ -385,14 +385,14 @@ def test_dynaip_bad_values_name_the_key(base, tmp_path, section, key, value, exp
     assert message.startswith(expected), message
 
 
-def test_gradient_checkpointing_is_refused_for_the_reference_branch_methods(base, tmp_path):
+def test_gradient_checkpointing_is_accepted_by_every_flux_method(base, tmp_path):
+    """DynaIP's blocks are checkpointed with their image term (training/flux.py), the reference methods' joint
+    blocks with the reference stream (training/reference.py)."""
     data = _dynaip(base)
-    data["method"] = {"name": "mosaic"}
     data["train"] = dict(data.get("train", {}), gradient_checkpointing=True)
-    message = _error(data, tmp_path)
-    assert message.startswith('train.gradient_checkpointing: not available for method.name "mosaic" yet'), message
-    data["method"] = {"name": "dynaip"}  # DynaIP's blocks are checkpointed (training/flux.py)
-    assert parse_config(data, tmp_path).train.gradient_checkpointing
+    for name in ("dynaip", "mosaic"):
+        data["method"] = {"name": name}
+        assert parse_config(data, tmp_path).train.gradient_checkpointing, name
 
 
 def test_dynaip_refuses_sample_cases(base, tmp_path):

@@ -10,7 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 from fixtures.tiny_models import ensure_comfy
-from fixtures.training_flux import dynaip_config, flux_components, staged_dataset, tiny_training_flux
+from fixtures.training_flux import (
+    dynaip_config,
+    flux_components,
+    staged_dataset,
+    stored_in_bf16,
+    tiny_training_flux,
+)
 from safetensors.torch import load_file
 
 from comfyui_troupe.models.adapter_file import detect_and_load, read_state_dict
@@ -316,6 +322,31 @@ def test_resume_at_the_checkpoint_reproduces_the_uninterrupted_run(dynaip_run, d
         assert a.keys() == b.keys()
         for k in a:
             assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), (name, k)
+
+
+def test_a_base_stored_in_bf16_trains_in_its_manual_cast_dtype(dataset, tmp_path):
+    """A base whose weights ComfyUI holds in bf16 and computes in fp32 (manual cast, as on a device without fast
+    bf16) trains in fp32, as ComfyUI samples it: 3 DynaIP steps give the weights of an fp32 base whose weights were
+    rounded to bf16, within 1e-6. Computing in the storage dtype instead (bf16 activations) moves them by about
+    the learning rate."""
+    from comfyui_troupe.training.trainer import compute_dtype
+
+    fp32 = tiny_training_flux().model
+    bf16 = stored_in_bf16(fp32)
+    with torch.no_grad():
+        for p in fp32.diffusion_model.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    assert (bf16.get_dtype(), compute_dtype(bf16), compute_dtype(fp32)) == (torch.bfloat16, torch.float32,
+                                                                           torch.float32)
+    runs = {}
+    for name, base in (("fp32", fp32), ("bf16", bf16)):
+        comps = flux_components()
+        comps.base_model = base
+        config = config_for(tmp_path / name, dataset, steps=3, train={"checkpoint_every": 3},
+                            method={"stage1_steps": 3})
+        runs[name] = load_file(str(train(config, comps, show_bar=False).adapter_path))
+    for k in runs["fp32"]:
+        assert torch.allclose(runs["fp32"][k], runs["bf16"][k], atol=1e-6, rtol=0), k
 
 
 def test_gradient_checkpointing_recomputes_every_block_and_changes_no_weight(dataset, tmp_path, monkeypatch):

@@ -5,6 +5,7 @@ abstract is public), the manifest's correspondences, the DINO pseudo-corresponde
 resume."""
 from __future__ import annotations
 
+import csv
 import itertools
 import json
 import math
@@ -15,7 +16,7 @@ import pytest
 import torch
 from fixtures.pasted_msbench import photo, resized
 from fixtures.training import SIZE
-from fixtures.training_flux import flux_components, tiny_training_flux
+from fixtures.training_flux import block_calls, flux_components, tiny_training_flux
 from fixtures.training_mosaic import mosaic_config, mosaic_dataset
 from safetensors.torch import load_file
 
@@ -404,6 +405,50 @@ def test_resume_at_the_checkpoint_reproduces_the_uninterrupted_run(mosaic_run, d
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), k
+
+
+def test_gradient_checkpointing_recomputes_every_block_and_gives_the_same_weights(dataset, tmp_path, monkeypatch):
+    """4 MOSAIC steps (both attention losses on, half the references dropped) with every block recomputed in the
+    backward pass give the LoRA and the logged losses of the plain run within 1e-6 (float32 sums in another
+    order). The recomputation must restart from the block's reference hidden states, which the forward replaced:
+    restarting from the replaced ones moves the weights by up to lr x steps = 4e-2. Each block runs twice per
+    training forward with references with checkpointing (the forward and its recomputation), once without; a
+    forward whose references were dropped has nothing to train through the blocks, so nothing is recomputed."""
+    branches = {"n": 0}
+    inner = ReferenceTrainModule.branch
+
+    def counted(self, *a, **k):
+        branches["n"] += torch.is_grad_enabled()
+        return inner(self, *a, **k)
+
+    monkeypatch.setattr(ReferenceTrainModule, "branch", counted)
+    files, counts, logs, with_refs = {}, {}, {}, {}
+    for gc in (False, True):
+        comps = flux_components()
+        calls, hooks = block_calls(comps.base_model.diffusion_model)
+        branches["n"] = 0
+        config = mosaic_config(tmp_path / f"gc{gc}", dataset, steps=4,
+                               train={"gradient_checkpointing": gc, "checkpoint_every": 4},
+                               dropout={"image": 0.5}, method={"attention_layers": "all"})
+        try:
+            result = train(config, comps, show_bar=False)
+        finally:
+            for h in hooks:
+                h.remove()
+        files[gc], counts[gc], with_refs[gc] = load_file(str(result.adapter_path)), dict(calls), branches["n"]
+        logs[gc] = list(csv.DictReader((Path(config.train.output_dir) / "log.csv").open()))
+    forwards = 4 * 2  # 4 steps of batch 2, one forward per sample
+    assert counts[False] == {"double": forwards, "single": forwards}, counts
+    assert with_refs[False] == with_refs[True] and 0 < with_refs[True] < forwards, with_refs  # both kinds ran
+    recomputed = forwards + with_refs[True]
+    assert counts[True] == {"double": recomputed, "single": recomputed}, counts
+    assert files[False].keys() == files[True].keys()
+    for k in files[False]:
+        assert torch.allclose(files[False][k], files[True][k], atol=1e-6, rtol=0), k
+    assert len(logs[False]) == len(logs[True])
+    for col in ("loss", "correspondence", "disentangle", "eval_diffusion"):
+        plain, ckpt = ([float(row[col]) for row in logs[gc] if row[col] not in ("", "nan")] for gc in (False, True))
+        assert plain and plain == pytest.approx(ckpt, abs=1e-6), col
 
 
 # --------------------------------------------------------------------------- pseudo-correspondences

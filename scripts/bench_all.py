@@ -15,7 +15,8 @@ Peers run from checkouts OUTSIDE this repository, given on the command line; a p
 - ComfyUI's own ``ReferenceLatent`` (FLUX Kontext multi-reference) is part of the host, always run.
 
 Run: ``make bench [QUICK=1] [PEERS="--peer-instantx ..."]`` or
-``.host/venv/bin/python scripts/bench_all.py [--quick] [--families sdxl,flux,reference,encoders,train] [peers]``.
+``.host/venv/bin/python scripts/bench_all.py [--quick] [--families sdxl,flux,reference,encoders,train,train-flux]
+[peers]``.
 ``--quick``: reduced sizes and 2 rounds (a few minutes on 2 CPU cores); the full mode takes about an hour and
 includes one full-size SDXL UNet run (needs about 14 GB free memory).
 """
@@ -31,11 +32,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-FAMILIES = ("sdxl", "flux", "reference", "encoders", "train")
+FAMILIES = ("sdxl", "flux", "reference", "encoders", "train", "train-flux")
 
 
 TITLES = {"encoders": "Encoders: TroupeEncodeSubjects, batched against one forward per subject",
-          "train": "Training step: REPA alignment on against off"}
+          "train": "Training step: REPA alignment on against off",
+          "train-flux": "Training step of the FLUX methods: gradient checkpointing on against off"}
 
 
 def family_command(name: str, args) -> list[str]:
@@ -67,6 +69,8 @@ def family_command(name: str, args) -> list[str]:
                                                                             "--gradient-checkpointing",
                                                                             "--optimizer", "sgd"]
         return [py, str(scripts / "bench_train.py"), *quick, *rounds]
+    if name == "train-flux":  # quick: width 256, one round; full: the full-width proxy (about 6 GB resident)
+        return [py, str(scripts / "bench_train_flux.py"), *quick, *threads, "--rounds", "1" if args.quick else "2"]
     raise ValueError(f"unknown family {name!r}; known: {', '.join(FAMILIES)}")
 
 

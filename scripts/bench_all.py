@@ -69,7 +69,8 @@ def family_command(name: str, args) -> list[str]:
                                                                             "--gradient-checkpointing",
                                                                             "--optimizer", "sgd"]
         return [py, str(scripts / "bench_train.py"), *quick, *rounds]
-    if name == "train-flux":  # quick: width 256, one round; full: the full-width proxy (about 6 GB resident)
+    if name == "train-flux":  # quick: width 256, 1 round (about a minute); full: the full-width proxy, 2 rounds
+        # (about 40 minutes; aligngen's step, with its 268 M-parameter DEM under AdamW, needs over 10 GB)
         return [py, str(scripts / "bench_train_flux.py"), *quick, *threads, "--rounds", "1" if args.quick else "2"]
     raise ValueError(f"unknown family {name!r}; known: {', '.join(FAMILIES)}")
 

@@ -147,10 +147,11 @@ class Trainer:
                 raise ConfigError("train.tensorboard: TensorBoard logging needs the tensorboard package; install it "
                                   "in ComfyUI's Python (pip install tensorboard) or set tensorboard = false")
         self.out = Path(t.output_dir)
-        mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[t.precision]
         cpu = not torch.cuda.is_available()
-        if cpu and mixed == "fp16":
-            mixed = "no"  # fp16 autocast is a GPU feature; bf16 works on CPU
+        mixed = autocast_precision(t.precision, cpu)
+        if mixed != {"fp32": "no"}.get(t.precision, t.precision):
+            LOG.warning("train.precision %s: mixed precision is a GPU feature here; this CPU run computes in fp32 "
+                        "(as ComfyUI does on a CPU)", t.precision)
         self.acc = Accelerator(
             mixed_precision=mixed, gradient_accumulation_steps=t.grad_accum, cpu=cpu,
             step_scheduler_with_optimizer=False, log_with="tensorboard" if t.tensorboard else None,
@@ -472,6 +473,16 @@ def frozen_base(trainer, components: Components):
     base.to(trainer.acc.device)
     trainer.base_model = base
     return base
+
+
+def autocast_precision(precision: str, cpu: bool) -> str:
+    """accelerate's ``mixed_precision`` for ``train.precision``: "no" for fp32, and on a CPU for every precision.
+    fp16 autocast is a GPU feature, and ComfyUI itself never computes in bf16 on a CPU
+    (``model_management.should_use_bf16``: "bf16 works on CPU but is extremely slow"; a 2048 x 3072 x 3072 matmul
+    ran about 450 times slower in bf16 than in fp32 on the AVX2 CPU of docs/measurements.md)."""
+    if cpu or precision == "fp32":
+        return "no"
+    return precision
 
 
 def compute_dtype(base_model) -> torch.dtype:

@@ -349,6 +349,25 @@ def test_a_base_stored_in_bf16_trains_in_its_manual_cast_dtype(dataset, tmp_path
         assert torch.allclose(runs["fp32"][k], runs["bf16"][k], atol=1e-6, rtol=0), k
 
 
+def test_a_cpu_run_computes_in_fp32_whatever_the_precision(dataset, tmp_path, caplog):
+    """``train.precision`` autocasts on a GPU only (``autocast_precision``); on a CPU every precision gives the fp32
+    run's weights exactly (bf16 autocast, which ComfyUI never uses on a CPU, moves them by up to 4e-4 in 2 steps),
+    and the log says so."""
+    from comfyui_troupe.training.trainer import autocast_precision
+
+    assert [autocast_precision(p, cpu=False) for p in ("fp32", "bf16", "fp16")] == ["no", "bf16", "fp16"]
+    assert {autocast_precision(p, cpu=True) for p in ("fp32", "bf16", "fp16")} == {"no"}
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        config = config_for(tmp_path / precision, dataset, steps=2, train={"checkpoint_every": 2,
+                                                                            "precision": precision},
+                            method={"stage1_steps": 2})
+        runs[precision] = load_file(str(train(config, flux_components(), show_bar=False).adapter_path))
+    for k in runs["fp32"]:
+        assert torch.equal(runs["fp32"][k], runs["bf16"][k]), k
+    assert "train.precision bf16: mixed precision is a GPU feature here" in caplog.text
+
+
 def test_gradient_checkpointing_recomputes_every_block_and_changes_no_weight(dataset, tmp_path, monkeypatch):
     """4 DynaIP steps with every block recomputed in the backward pass give the weights of the plain run. ComfyUI's
     blocks add to their streams in place; inside the checkpointed region they get ``OutOfPlace`` streams, so the

@@ -9,24 +9,19 @@ tests/unit/test_redux_dem.py.)
 """
 from __future__ import annotations
 
-import json
-import shutil
-from pathlib import Path
-
 import numpy as np
 import pytest
 from fixtures.tiny_models import write_checkpoint
+from fixtures.troupe_graphs import copy_photos, reference_branch_graph
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[2]
 SIZE = 64
 PROMPT = "a corgi sitting next to a teapot on a table"
 
 
 @pytest.fixture(scope="module")
 def server(comfy_server):
-    for name in ("troupe_dog.jpg", "troupe_teapot.jpg"):
-        shutil.copy(ROOT / "assets" / name, comfy_server.input_dir / name)
+    copy_photos(comfy_server)
     from comfyui_troupe.models.reference.dem import DeviationExtractionModule
 
     dem = DeviationExtractionModule(dim=4096, redux_dim=4096, heads=2, mlp_ratio=64 / 4096, inner=64)
@@ -36,42 +31,18 @@ def server(comfy_server):
 
 
 def prompt(strength: float, mode: str) -> dict:
-    boxes = json.dumps({"version": 1, "boxes": [{"x0": 0, "y0": 0, "x1": 0.5, "y1": 1},
-                                                 {"x0": 0.5, "y0": 0, "x1": 1, "y1": 1}]})
-    p = {
-        "1": {"class_type": "LoadImage", "inputs": {"image": "troupe_dog.jpg"}},
-        "2": {"class_type": "LoadImage", "inputs": {"image": "troupe_teapot.jpg"}},
-        "3": {"class_type": "TroupeSubject", "inputs": {"image": ["1", 0], "label": "corgi", "weight": 1.0}},
-        "4": {"class_type": "TroupeSubject", "inputs": {"image": ["2", 0], "label": "teapot", "weight": 1.0}},
-        "5": {"class_type": "TroupeSubjectList", "inputs": {"subject_1": ["3", 0], "subject_2": ["4", 0]}},
-        "6": {"class_type": "TroupeLayout", "inputs": {"width": SIZE, "height": SIZE, "boxes": boxes,
-                                                       "subjects": ["5", 0]}},
-        "7": {"class_type": "TroupeTestTinyFLUX", "inputs": {"schnell": False, "seed": 0}},
-        "8": {"class_type": "TroupeTestTinyVAE", "inputs": {"kind": "flux", "seed": 0}},
-        "9": {"class_type": "TroupeReferenceBranch", "inputs": {
-            "model": ["7", 0], "vae": ["8", 0], "subjects": ["5", 0], "prompt": PROMPT, "reference_size": 64,
-            "reference_timestep": 0.0, "reference_guidance": 1.0, "reference_attention": "joint",
-            "selective_text": True, "region": False, "lora_name": "none", "lora_strength": 1.0,
-            "dem_name": "tiny_dem_redux.safetensors", "layout": ["6", 0]}},
-        "10": {"class_type": "TroupeTestConditioning", "inputs": {"seed": 1, "kind": "flux", "batch": 1, "width": SIZE,
-                                                                 "height": SIZE, "tokens": 256, "guidance": 3.5}},
-        "11": {"class_type": "TroupeTestConditioning", "inputs": {"seed": 2, "kind": "flux", "batch": 1, "width": SIZE,
-                                                                 "height": SIZE, "tokens": 256, "guidance": 3.5}},
-        "20": {"class_type": "TroupeTestTinyRedux", "inputs": {"seed": 0}},
-        "21": {"class_type": "StyleModelApply", "inputs": {"conditioning": ["10", 0], "style_model": ["20", 0],
+    """The two-photo branch with the Redux DEM, each subject's Redux tokens added by ComfyUI's StyleModelApply."""
+    p = reference_branch_graph(SIZE, PROMPT, region=False, dem="tiny_dem_redux.safetensors", steps=2,
+                               prefix=f"redux_{mode}")
+    p["20"] = {"class_type": "TroupeTestTinyRedux", "inputs": {"seed": 0}}
+    p["21"] = {"class_type": "StyleModelApply", "inputs": {"conditioning": ["10", 0], "style_model": ["20", 0],
                                                            "clip_vision_output": ["20", 1], "strength": strength,
-                                                           "strength_type": mode}},
-        "22": {"class_type": "TroupeTestTinyRedux", "inputs": {"seed": 1}},
-        "23": {"class_type": "StyleModelApply", "inputs": {"conditioning": ["21", 0], "style_model": ["22", 0],
+                                                           "strength_type": mode}}
+    p["22"] = {"class_type": "TroupeTestTinyRedux", "inputs": {"seed": 1}}
+    p["23"] = {"class_type": "StyleModelApply", "inputs": {"conditioning": ["21", 0], "style_model": ["22", 0],
                                                            "clip_vision_output": ["22", 1], "strength": strength,
-                                                           "strength_type": mode}},
-        "12": {"class_type": "EmptySD3LatentImage", "inputs": {"width": SIZE, "height": SIZE, "batch_size": 1}},
-        "13": {"class_type": "KSampler", "inputs": {
-            "model": ["9", 0], "positive": ["23", 0], "negative": ["11", 0], "latent_image": ["12", 0], "seed": 0,
-            "steps": 2, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}},
-        "14": {"class_type": "VAEDecode", "inputs": {"samples": ["13", 0], "vae": ["8", 0]}},
-        "15": {"class_type": "SaveImage", "inputs": {"images": ["14", 0], "filename_prefix": f"redux_{mode}"}},
-    }
+                                                           "strength_type": mode}}
+    p["13"]["inputs"]["positive"] = ["23", 0]
     return p
 
 

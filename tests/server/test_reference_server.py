@@ -6,7 +6,6 @@ tokenizer (no text encoder weights); a MOSAIC-layout LoRA file sits in models/tr
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +13,7 @@ import pytest
 from comfy_server import PromptError
 from fixtures.reference_loras import mosaic_lora_state_dict
 from fixtures.tiny_models import write_checkpoint
+from fixtures.troupe_graphs import copy_photos, reference_branch_graph
 from PIL import Image
 from workflow_api import ui_to_api
 
@@ -24,8 +24,7 @@ PROMPT_TEXT = "a corgi sitting next to a teapot on a table"
 
 @pytest.fixture(scope="module")
 def server(comfy_server):
-    for name in ("troupe_dog.jpg", "troupe_teapot.jpg"):
-        shutil.copy(ROOT / "assets" / name, comfy_server.input_dir / name)
+    copy_photos(comfy_server)
     write_checkpoint(comfy_server.models_dir / "troupe" / "mosaic_tiny_lora.safetensors", mosaic_lora_state_dict())
     from comfyui_troupe.models.reference.dem import DeviationExtractionModule
 
@@ -37,36 +36,11 @@ def server(comfy_server):
 
 def branch_prompt(lora="none", attention="joint", selective=True, region=True, text=PROMPT_TEXT,
                   labels=("corgi", "teapot"), dem="none") -> dict:
-    boxes = json.dumps({"version": 1, "boxes": [{"x0": 0, "y0": 0, "x1": 0.5, "y1": 1},
-                                                 {"x0": 0.5, "y0": 0, "x1": 1, "y1": 1}]})
-    return {
-        "1": {"class_type": "LoadImage", "inputs": {"image": "troupe_dog.jpg"}},
-        "2": {"class_type": "LoadImage", "inputs": {"image": "troupe_teapot.jpg"}},
-        "3": {"class_type": "TroupeSubject", "inputs": {"image": ["1", 0], "label": labels[0], "weight": 1.0}},
-        "4": {"class_type": "TroupeSubject", "inputs": {"image": ["2", 0], "label": labels[1], "weight": 1.0}},
-        "5": {"class_type": "TroupeSubjectList", "inputs": {"subject_1": ["3", 0], "subject_2": ["4", 0]}},
-        "6": {"class_type": "TroupeLayout", "inputs": {"width": SIZE, "height": SIZE, "boxes": boxes,
-                                                       "subjects": ["5", 0]}},
-        "7": {"class_type": "TroupeTestTinyFLUX", "inputs": {"schnell": False, "seed": 0}},
-        "8": {"class_type": "TroupeTestTinyVAE", "inputs": {"kind": "flux", "seed": 0}},
-        "9": {"class_type": "TroupeReferenceBranch", "inputs": {
-            "model": ["7", 0], "vae": ["8", 0], "subjects": ["5", 0], "prompt": text, "reference_size": 64,
-            "reference_timestep": 0.0, "reference_guidance": 1.0, "reference_attention": attention,
-            "selective_text": selective, "region": region, "lora_name": lora, "lora_strength": 1.0,
-            "dem_name": dem, "layout": ["6", 0]}},
-        "10": {"class_type": "TroupeTestConditioning", "inputs": {"seed": 1, "kind": "flux", "batch": 1, "width": SIZE,
-                                                                 "height": SIZE, "tokens": 256, "guidance": 3.5}},
-        "11": {"class_type": "TroupeTestConditioning", "inputs": {"seed": 2, "kind": "flux", "batch": 1, "width": SIZE,
-                                                                 "height": SIZE, "tokens": 256, "guidance": 3.5}},
-        "12": {"class_type": "EmptySD3LatentImage", "inputs": {"width": SIZE, "height": SIZE, "batch_size": 1}},
-        "13": {"class_type": "KSampler", "inputs": {
-            "model": ["9", 0], "positive": ["10", 0], "negative": ["11", 0], "latent_image": ["12", 0], "seed": 0,
-            "steps": 3, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}},
-        "14": {"class_type": "VAEDecode", "inputs": {"samples": ["13", 0], "vae": ["8", 0]}},
-        "15": {"class_type": "SaveImage", "inputs": {"images": ["14", 0], "filename_prefix": "reference_branch"}},
-        "16": {"class_type": "TroupeAttentionMaskPreview", "inputs": {"model": ["9", 0], "width": SIZE,
-                                                                      "height": SIZE}},
-    }
+    p = reference_branch_graph(SIZE, text, lora=lora, attention=attention, selective=selective, region=region,
+                               labels=labels, dem=dem)
+    p["16"] = {"class_type": "TroupeAttentionMaskPreview", "inputs": {"model": ["9", 0], "width": SIZE,
+                                                                      "height": SIZE}}
+    return p
 
 
 def saved(server, entry, node="15"):

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from comfy_server import PromptError
 from fixtures.training_aligngen import aligngen_components, aligngen_config, aligngen_dataset
+from fixtures.troupe_graphs import copy_photos
 from PIL import Image
 
 from comfyui_troupe.training.trainer import train
 
-ROOT = Path(__file__).resolve().parents[2]
 LORA, DEM = "aligngen_tiny.safetensors", "aligngen_tiny.dem.safetensors"
 SIZE = 128
 PROMPT = "a embedding:aligngen_s_star corgi sitting next to a embedding:aligngen_s_star teapot on a table"
@@ -29,8 +29,7 @@ def server(comfy_server, msbench, module_tmp):
     shutil.copy(lora, comfy_server.models_dir / "troupe" / LORA)
     shutil.copy(lora.with_name(lora.stem + ".dem.safetensors"), comfy_server.models_dir / "troupe" / DEM)
     shutil.copy(lora.with_name("aligngen_s_star.safetensors"), comfy_server.models_dir / "embeddings")
-    for name in ("troupe_dog.jpg", "troupe_teapot.jpg"):
-        shutil.copy(ROOT / "assets" / name, comfy_server.input_dir / name)
+    copy_photos(comfy_server)
     return comfy_server
 
 

@@ -250,6 +250,7 @@ class AttentionProbe:
         self.done = True
         self.correspondence: list[torch.Tensor] = []
         self.disentangle: list[torch.Tensor] = []
+        self.replaying = False  # set once the forward is done: gradient checkpointing's recomputation reads again
 
     def enter(self, kind: str, index: int) -> None:
         self.current, self.done = (kind, index), (kind, index) not in self.layers
@@ -273,8 +274,13 @@ class AttentionProbe:
             cols = slice(n_base + self.ref_starts[s], n_base + self.ref_starts[s] + self.ref_lengths[s])
             probs = attention_probs(q[:, :, self.n_txt + tgt.to(dev)], k[:, :, cols])  # [B, K, R_s]
             terms += [correspondence_loss(p, ref.to(dev)) * len(tgt) for p in probs]
+        # in the backward pass's recomputation the same terms are computed again (checkpointing replays every op of
+        # the block) but not kept: the loss already holds the forward's
+        keep = not self.replaying
         if terms:
-            self.correspondence.append(torch.stack(terms).sum() / sum(len(t) for t, _ in self.points) / q.shape[0])
+            term = torch.stack(terms).sum() / sum(len(t) for t, _ in self.points) / q.shape[0]
+            if keep:
+                self.correspondence.append(term)
         if self.want_maps:
             rows = self.n_txt + self.rows.to(dev)
             bias = None
@@ -283,8 +289,9 @@ class AttentionProbe:
             probs = attention_probs(q[:, :, rows], k, bias)  # [B, P, T]
             owners = torch.cat([torch.full((n_base,), -1), self.owners]).to(dev)
             subjects = len(self.ref_lengths)
-            self.disentangle.append(torch.stack([disentanglement_loss(subject_maps(p, owners, subjects))
-                                                 for p in probs]).mean())
+            term = torch.stack([disentanglement_loss(subject_maps(p, owners, subjects)) for p in probs]).mean()
+            if keep:
+                self.disentangle.append(term)
 
 
 class ReferenceInjection:
@@ -432,6 +439,8 @@ class ReferenceTrainModule(nn.Module):
                                    want_maps=self.losses.disentangle_weight > 0)
         patch = ReferencePatch(branch, probe or flux_attention())
         pred, target = base.predict([sample], ReferenceInjection(patch, stream, probe))
+        if probe is not None:
+            probe.replaying = True
         return F.mse_loss(pred.float(), target.float()), self.attention_losses(probe)
 
     def forward(self, base: FrozenFlux, samples: Sequence[ReferenceSample], alpha: float = 0.0,

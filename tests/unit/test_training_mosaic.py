@@ -416,6 +416,14 @@ def test_gradient_checkpointing_recomputes_every_block_and_gives_the_same_weight
     forward whose references were dropped has nothing to train through the blocks, so nothing is recomputed."""
     branches = {"n": 0}
     inner = ReferenceTrainModule.branch
+    probes = []
+    probe_init = AttentionProbe.__init__
+
+    def recorded(self, *a, **k):
+        probe_init(self, *a, **k)
+        probes.append(self)
+
+    monkeypatch.setattr(AttentionProbe, "__init__", recorded)
 
     def counted(self, *a, **k):
         branches["n"] += torch.is_grad_enabled()
@@ -445,6 +453,10 @@ def test_gradient_checkpointing_recomputes_every_block_and_gives_the_same_weight
     assert files[False].keys() == files[True].keys()
     for k in files[False]:
         assert torch.allclose(files[False][k], files[True][k], atol=1e-6, rtol=0), k
+    # the recomputation replays the probe's reads without keeping them: one term per layer and forward
+    layers = 2 + 2  # attention_layers "all" on the tiny DiT
+    assert probes and all(len(p.correspondence) == len(p.disentangle) == layers for p in probes), [
+        (len(p.correspondence), len(p.disentangle)) for p in probes]
     assert len(logs[False]) == len(logs[True])
     for col in ("loss", "correspondence", "disentangle", "eval_diffusion"):
         plain, ckpt = ([float(row[col]) for row in logs[gc] if row[col] not in ("", "nan")] for gc in (False, True))

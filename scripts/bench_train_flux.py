@@ -135,6 +135,23 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def matmul_rates(m: int = 256, n: int = 512) -> dict[torch.dtype, float]:
+    """GFLOP/s of an [m, n] x [n, n] matmul in fp32 and bf16 on this CPU (the best of 3 after a warm-up): whether
+    computing the bf16 weights in bf16 would be an option here. Small, so a CPU without bf16 units (0.23 GFLOP/s on
+    the machine of docs/measurements.md) still answers in a few seconds."""
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = torch.randn(m, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a @ b
+        best = float("inf")
+        for _ in range(3):
+            t = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - t)
+        out[dtype] = 2 * m * n * n / best / 1e9
+    return out
+
+
 def nbytes(module: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
@@ -500,6 +517,7 @@ def main() -> int:
             trim()
 
     tokens = (args.size // 16) ** 2
+    rates = matmul_rates()
     optimiser_name = (f"SGD lr {LEARNING_RATE:g} (no optimiser state)" if args.optimizer == "sgd" else
                       f"AdamW lr {LEARNING_RATE:g} weight decay {WEIGHT_DECAY:g}")
     print()
@@ -508,8 +526,8 @@ def main() -> int:
           f"{width}, {config['num_heads']} heads, T5 context width {config['context_in_dim']}, "
           f"{base_params / 1e6:.0f} M parameters, random weights stored in bf16 ({base_bytes / 2**20:.0f} MiB; "
           f"full FLUX.1-dev: 11.9 B parameters, about 22.2 GiB), computed in fp32 through ComfyUI's manual-cast ops "
-          f"(this CPU has no bf16 arithmetic: a 2048 x 3072 x 3072 bf16 matmul ran at 0.23 GFLOP/s against 106 in "
-          f"fp32), frozen. {args.size}x{args.size} ({tokens} image tokens), T5 context {args.text_tokens} tokens, "
+          f"(on this CPU a 256 x 512 x 512 matmul runs at {rates[torch.bfloat16]:.2f} GFLOP/s in bf16 against "
+          f"{rates[torch.float32]:.1f} in fp32), frozen. {args.size}x{args.size} ({tokens} image tokens), T5 context {args.text_tokens} tokens, "
           f"batch 1 (one record; focusdpo-flux: one pair, winner and loser) with {args.subjects} subjects in "
           f"side-by-side boxes, features cached (no encoder in the step except aligngen's T5). CPU "
           f"({cpu_name()}, {os.cpu_count()} cores shared with other jobs, "

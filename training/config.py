@@ -663,9 +663,10 @@ def parse_config(data: dict, base_dir: str | os.PathLike) -> Config:
                           "write [[sample]]")
     if not isinstance(samples, (list, tuple)):
         raise ConfigError(f"sample: expected [[sample]] tables, got {_show(samples)}")
-    if method.flux and samples:
+    if method.name in REFERENCE_METHODS and samples:
         raise ConfigError(f'sample: sample grids are not available for method.name "{method.name}" yet (the '
-                          "fixed-batch loss in log.csv shows progress); remove the [[sample]] tables")
+                          "fixed-batch loss in log.csv shows progress; dynaip and focusdpo-flux have them); remove "
+                          "the [[sample]] tables")
     return Config(
         model=model, method=method, adapter=_adapter(table("adapter")), data=_data(table("data"), train.output_dir),
         train=train, dropout=_dropout(table("dropout")),

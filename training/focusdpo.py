@@ -265,6 +265,10 @@ class FluxDpoModule(FocusDpoModule):
     def adapter(self) -> nn.Module:
         return self.model.adapter
 
+    @property
+    def fusion(self) -> nn.Module:
+        return self.model.fusion
+
     def predict(self, model, base, samples):
         return base.predict(samples, TrainingInjection(model.injections(base, samples)))
 

@@ -395,7 +395,9 @@ def test_gradient_checkpointing_is_accepted_by_every_flux_method(base, tmp_path)
         assert parse_config(data, tmp_path).train.gradient_checkpointing, name
 
 
-def test_dynaip_refuses_sample_cases(base, tmp_path):
+def test_sample_cases_are_refused_for_the_reference_methods_only(base, tmp_path):
     data = _dynaip(base)
     data["sample"] = base["sample"]
-    assert _error(data, tmp_path).startswith('sample: sample grids are not available for method.name "dynaip"')
+    assert len(parse_config(data, tmp_path).samples) == len(base["sample"])  # dynaip renders them (training/samples.py)
+    data["method"] = {"name": "mosaic"}
+    assert _error(data, tmp_path).startswith('sample: sample grids are not available for method.name "mosaic"')

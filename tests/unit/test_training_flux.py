@@ -17,6 +17,7 @@ from fixtures.training_flux import (
     stored_in_bf16,
     tiny_training_flux,
 )
+from PIL import Image
 from safetensors.torch import load_file
 
 from comfyui_troupe.models.adapter_file import detect_and_load, read_state_dict
@@ -366,6 +367,63 @@ def test_a_cpu_run_computes_in_fp32_whatever_the_precision(dataset, tmp_path, ca
     for k in runs["fp32"]:
         assert torch.equal(runs["fp32"][k], runs["bf16"][k]), k
     assert "train.precision bf16: mixed precision is a GPU feature here" in caplog.text
+
+
+def test_sample_grid_shows_what_the_saved_files_give_in_a_users_graph(dataset, tmp_path):
+    """A dynaip run with one [[sample]] case writes its grid at the last step, and the case's image is the one the
+    saved files give through the user's route: the adapter file read by TroupeLoadAdapter's loader, the fusion file
+    by TroupeLoadFusion's, TroupeEncodeSubjects with that fusion, TroupeApplyFLUX, ComfyUI's sampler (euler, simple,
+    FluxGuidance 3.5), bit for bit."""
+    ensure_comfy()
+    import comfy.model_patcher
+    import comfy.sample
+
+    from comfyui_troupe.models.encoding.hmoe import hmoe_from_state_dict
+    from comfyui_troupe.models.layout.subject import Subject
+    from comfyui_troupe.nodes.adapter import families
+    from comfyui_troupe.nodes.encoding import encode_subjects
+    from comfyui_troupe.nodes.flux import ApplySettings, apply_flux
+    from comfyui_troupe.training.config import parse_config
+    from comfyui_troupe.training.data import load_rgb
+    from comfyui_troupe.training.flux import fusion_path_for
+    from comfyui_troupe.training.samples import generate
+
+    refs = sorted((dataset.parent / "refs").glob("*.png"))
+    case = {"prompt": "a dog and a teapot", "width": 64, "height": 64, "steps": 3, "cfg": 1.0, "seed": 3,
+            "subjects": [{"label": "dog", "image": str(refs[0]), "box": [0.05, 0.2, 0.45, 0.8]},
+                         {"label": "teapot", "image": str(refs[1]), "box": [0.55, 0.1, 0.95, 0.6]}]}
+    data = config_for(tmp_path, dataset, steps=2, train={"checkpoint_every": 2, "sample_every": 2},
+                      method={"stage1_steps": 2}).to_dict()
+    data["sample"] = [case]
+    config = parse_config(data, tmp_path)
+    comps = flux_components()
+    trainer = Trainer(config, comps, show_bar=False)
+    result = trainer.run()
+    assert result.last_samples == Path(config.train.output_dir) / "samples" / "step-0000002.png"
+    with Image.open(result.last_samples) as im:
+        assert im.size[0] == 64 and im.size[1] > 64
+    mine = generate(trainer, config.samples[0])
+
+    adapter = detect_and_load(read_state_dict(str(result.adapter_path)), families())
+    fusion = hmoe_from_state_dict(read_state_dict(str(fusion_path_for(result.adapter_path))))
+    subjects = [Subject(image=load_rgb(s["image"])[None], label=s["label"]) for s in case["subjects"]]
+    layout = Layout(64, 64, tuple(Region(box=tuple(s["box"]), label=s["label"]) for s in case["subjects"]))
+    features = encode_subjects(comps.clip_vision, subjects, layers="10,17,24", fusion=fusion)
+    with torch.inference_mode():
+        model = apply_flux(comfy.model_patcher.ModelPatcher(comps.base_model, torch.device("cpu"),
+                                                            torch.device("cpu")),
+                           adapter, features, ApplySettings(), layout=layout)
+
+        def cond(text):
+            c, pooled = comps.clip.encode_from_tokens(comps.clip.tokenize(text), return_pooled=True)
+            return [[c, {"pooled_output": pooled, "guidance": 3.5}]]
+
+        latent = torch.zeros(1, 16, 8, 8)
+        out = comfy.sample.sample(model, comfy.sample.prepare_noise(latent, 3), 3, 1.0, "euler", "simple",
+                                  cond(case["prompt"]), cond(""), latent, seed=3, disable_pbar=True)
+        theirs = comps.vae.decode(out)[0].float().clamp(0, 1)
+    assert mine.shape == (64, 64, 3)
+    assert torch.equal(mine, theirs)
 
 
 def test_gradient_checkpointing_recomputes_every_block_and_changes_no_weight(dataset, tmp_path, monkeypatch):

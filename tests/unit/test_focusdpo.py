@@ -275,14 +275,16 @@ def test_focusdpo_flux_starts_at_log_2_and_raises_the_margin(pairs, tmp_path):
     """``focusdpo-flux`` on the tiny FLUX.1-dev DiT: a DynaIP adapter and its HMoE fusion (new, seeded) are the
     starting and reference model; the loss is log 2 at step 0 and the fixed batch's DPO loss falls in 20 steps; the
     files load as the starting ones did (TroupeLoadAdapter's and TroupeLoadFusion's loaders)."""
-    from fixtures.tiny_models import tiny_hf_dinov2_folder
+    from fixtures.tiny_models import ensure_comfy, tiny_hf_dinov2_folder
     from fixtures.training_flux import dynaip_config, flux_components
 
+    ensure_comfy()
     from comfyui_troupe.models.adapter_file import detect_and_load, read_state_dict
     from comfyui_troupe.models.encoding.dino import load_hf_dino
     from comfyui_troupe.models.encoding.hmoe import hmoe_from_state_dict
     from comfyui_troupe.nodes.adapter import families
     from comfyui_troupe.nodes.encoding import vision_blocks
+    from comfyui_troupe.training.config import parse_config
     from comfyui_troupe.training.flux import FluxTrainModule, fusion_path_for, new_modules, save_outputs
 
     comps = flux_components()
@@ -292,6 +294,12 @@ def test_focusdpo_flux_starts_at_log_2_and_raises_the_margin(pairs, tmp_path):
                                                         "init_adapter": str(tmp_path / "start.safetensors")},
                            model={"dino": str(tmp_path / "dino")}, train={"learning_rate": 3e-3, "checkpoint_every": 20},
                            data={"cache_dir": str(pairs.parent.parent / "cache-flux")})
+    data = config.to_dict()  # and one [[sample]] case, rendered at the last step through TroupeApplyFLUX
+    ref = min((pairs.parent / "refs").glob("*.png"))
+    data["sample"] = [{"prompt": "a dog", "width": 64, "height": 64, "steps": 2, "cfg": 1.0,
+                       "subjects": [{"label": "dog", "image": str(ref), "box": [0.1, 0.1, 0.6, 0.9]}]}]
+    data["train"]["sample_every"] = 20
+    config = parse_config(data, tmp_path)
     width = int(vision_blocks(comps.clip_vision)[0].layer_norm1.weight.shape[0])
     adapter, fusion = new_modules(comps.base_model.diffusion_model, width, config.adapter, seed=5)
     save_outputs(FluxTrainModule(adapter, fusion), tmp_path / "start.safetensors")
@@ -306,3 +314,8 @@ def test_focusdpo_flux_starts_at_log_2_and_raises_the_margin(pairs, tmp_path):
     tuned = detect_and_load(read_state_dict(str(result.adapter_path)), families())
     assert tuned.format == "troupe-flux"
     hmoe_from_state_dict(read_state_dict(str(fusion_path_for(result.adapter_path))))
+    assert result.last_samples == Path(config.train.output_dir) / "samples" / "step-0000020.png"
+    from PIL import Image
+
+    with Image.open(result.last_samples) as im:
+        assert im.size[0] == 64 and im.size[1] > 64

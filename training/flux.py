@@ -114,12 +114,12 @@ def frozen_closure(fn: Callable) -> Callable:
     return types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, cells)
 
 
-def plain(value):
+def _plain(value):
     """``value`` (a tensor or a tuple of them) as plain ``torch.Tensor``, without ``OutOfPlace``."""
     if isinstance(value, torch.Tensor):
         return value.as_subclass(torch.Tensor)
     if isinstance(value, tuple):
-        return tuple(plain(v) for v in value)
+        return tuple(_plain(v) for v in value)
     return value
 
 
@@ -204,18 +204,29 @@ class TrainingInjection:
 
         if not torch.is_grad_enabled():
             return self(args, extra)
-        # the DiT updates one transformer_options dict as it goes, and ComfyUI's block_wrap reads the loop's
-        # ``block`` variable when it is called: the recomputation, after the loop moved on, gets this block's
-        # values and this block
-        args = dict(args, transformer_options=dict(args.get("transformer_options") or {}))
-        extra = dict(extra, original_block=frozen_closure(extra["original_block"]))
+        args, extra = for_recomputation(args, extra)
+        return checkpoint(lambda a, e: out_of_place(lambda x: self(x, e, guard=False))(a), args, extra,
+                          use_reentrant=False)
 
-        def region(a: dict, e: dict) -> dict:
-            a = {k: v.as_subclass(OutOfPlace) if k in STREAMS and isinstance(v, torch.Tensor) else v
-                 for k, v in a.items()}
-            return {k: plain(v) for k, v in self(a, e, guard=False).items()}
 
-        return checkpoint(region, args, extra, use_reentrant=False)
+def for_recomputation(args: dict, extra: dict) -> tuple[dict, dict]:
+    """A block call's ``args`` and ``extra`` as a checkpointed region must keep them: the DiT updates one
+    transformer_options dict as it goes, and ComfyUI's block_wrap reads the loop's ``block`` variable when it is
+    called, so the recomputation, after the loop moved on, gets this block's options and this block."""
+    args = dict(args, transformer_options=dict(args.get("transformer_options") or {}))
+    return args, dict(extra, original_block=frozen_closure(extra["original_block"]))
+
+
+def out_of_place(block: Callable[[dict], dict]) -> Callable[[dict], dict]:
+    """``block`` run on ``OutOfPlace`` streams (its in-place residual adds then leave its inputs intact, which a
+    recomputation reads again), its outputs plain tensors."""
+
+    def run(args: dict) -> dict:
+        args = {k: v.as_subclass(OutOfPlace) if k in STREAMS and isinstance(v, torch.Tensor) else v
+                for k, v in args.items()}
+        return {k: _plain(v) for k, v in block(args).items()}
+
+    return run
 
 
 def guarded(block: Callable, args: dict) -> Callable:

@@ -54,7 +54,7 @@ from ..models.reference.branch import (
 )
 from ..models.reference.hooks import ReferencePatch, training_stream
 from ..models.reference.lora import FluxDims, LoRAPart, ReferenceLoRA, mosaic_targets
-from .flux import STREAMS, FrozenFlux, OutOfPlace, frozen_closure, guarded, plain
+from .flux import FrozenFlux, for_recomputation, guarded, out_of_place
 
 METHOD = "mosaic"
 REFERENCE_FILL = 0.9  # prepare_reference_image's default: the subject fills 90% of the white square (MOSAIC)
@@ -300,7 +300,6 @@ class ReferenceInjection:
 
     def __init__(self, patch: ReferencePatch | None, stream, probe: AttentionProbe | None):
         self.patch, self.stream, self.probe = patch, stream, probe
-        self.checkpointed = False
 
     def prepare(self, double: int, single: int, head_dim: int, device, dtypes) -> None:
         """Nothing to build before the DiT runs: the stream is made fresh for this forward."""
@@ -308,7 +307,6 @@ class ReferenceInjection:
     def replaces(self, double: int, single: int, checkpointed: bool = False) -> dict:
         """``patches_replace["dit"]``: ``block`` for every block; ``checkpointed``: each recomputed in the backward
         pass (``checkpointed_block``)."""
-        self.checkpointed = checkpointed
         run = self.checkpointed_block if checkpointed else self.block
         out = {}
         for kind, count in (("double_block", double), ("single_block", single)):
@@ -341,17 +339,9 @@ class ReferenceInjection:
 
         if not torch.is_grad_enabled():
             return self.block(key, args, extra)
-        # the DiT updates one transformer_options dict as it goes, and ComfyUI's block_wrap reads the loop's
-        # ``block`` variable when it is called: the recomputation gets this block's options and this block
-        args = dict(args, transformer_options=dict(args.get("transformer_options") or {}))
-        extra = dict(extra, original_block=frozen_closure(extra["original_block"]))
+        args, extra = for_recomputation(args, extra)
         if self.patch is None:
-            def base(a: dict, e: dict) -> dict:
-                a = {k: v.as_subclass(OutOfPlace) if k in STREAMS and isinstance(v, torch.Tensor) else v
-                     for k, v in a.items()}
-                return {k: plain(v) for k, v in e["original_block"](a).items()}
-
-            return checkpoint(base, args, extra, use_reentrant=False)
+            return checkpoint(lambda a, e: out_of_place(e["original_block"])(a), args, extra, use_reentrant=False)
         stream = self.stream
 
         def region(a: dict, e: dict, ref_x: torch.Tensor):
